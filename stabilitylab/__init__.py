@@ -1,0 +1,18 @@
+"""stabilitylab: diagnose, predict and mitigate Transformer training instabilities.
+
+    import stabilitylab as sl
+    mon = sl.Monitor(model, optimizer=opt, every=10, sinks=[sl.sinks.Parquet("runs/exp1")])
+    ...
+    mon.step(loss)
+"""
+
+from stabilitylab import metrics, mitigations, probes, sinks
+from stabilitylab.adapters import record_qk, register_adapter
+from stabilitylab.analysis import lr_sensitivity
+from stabilitylab.monitor import Monitor
+from stabilitylab.proxy import ProxyConfig, ProxyTransformer, TrainConfig, train_one
+
+__version__ = "0.1.0"
+
+__all__ = ["Monitor", "ProxyConfig", "ProxyTransformer", "TrainConfig", "__version__", "lr_sensitivity",
+           "metrics", "mitigations", "probes", "record_qk", "register_adapter", "sinks", "train_one"]

@@ -1,0 +1,232 @@
+"""Pure functions behind every statistic. Probes, analysis and tests all call these.
+
+Shapes follow ``torch.nn.functional.scaled_dot_product_attention``: ``q`` is ``(B, H, Tq, D)``, ``k`` is
+``(B, Hk, Tk, D)`` with ``H % Hk == 0`` (grouped-query attention repeats each key head ``H // Hk`` times).
+Nothing here syncs with the host: every result is a tensor on the input's device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: Budget, in elements, of one chunk of materialised attention scores (float32: 64 MiB).
+ATTN_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class AttentionStats:
+    """Per-head attention statistics of one attention call.
+
+    Attributes:
+        head_max: ``(H,)`` max over batch and allowed (query, key) pairs of the pre-softmax score
+            ``q.k * scale (+ additive mask)``; ``-inf`` for a head with no allowed pair.
+        entropy_sum: ``(H,)`` sum over softmax rows with at least one allowed key of the row entropy
+            ``-sum_j p_j log p_j`` (nats).
+        rows: ``(H,)`` number of such rows (float), so ``entropy_sum / rows`` is the mean entropy.
+    """
+
+    head_max: torch.Tensor
+    entropy_sum: torch.Tensor
+    rows: torch.Tensor
+
+    @property
+    def max_logit(self) -> torch.Tensor:
+        """Max over heads, 0-d."""
+        return self.head_max.amax()
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Mean entropy over all heads' rows, 0-d."""
+        return self.entropy_sum.sum() / self.rows.sum()
+
+
+def _allowed_and_bias(attn_mask: torch.Tensor | None, dtype: torch.dtype):
+    """Split an SDPA mask into (allowed bool mask or None, additive float bias or None)."""
+    if attn_mask is None:
+        return None, None
+    if attn_mask.dtype == torch.bool:
+        return attn_mask, None
+    bias = attn_mask.to(dtype)
+    # Additive masks mark forbidden positions with -inf or the dtype's most negative value.
+    floor = torch.finfo(attn_mask.dtype).min / 2 if attn_mask.dtype.is_floating_point else -math.inf
+    return attn_mask > floor, bias
+
+
+def attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    chunk_elements: int = ATTN_CHUNK_ELEMENTS,
+) -> AttentionStats:
+    """Max pre-softmax logit and softmax entropy per head, with SDPA's mask semantics.
+
+    The score of query i and key j is ``s_ij = scale * q_i . k_j`` (``scale`` defaults to
+    ``1/sqrt(D)``) plus the additive float mask if one is given. A position is allowed when the boolean
+    mask is True / the float mask is above ``finfo.min / 2`` and, with ``is_causal``, ``j <= i``
+    (top-left aligned, like SDPA). Rows with no allowed key are excluded from the entropy.
+
+    Scores are materialised in query chunks of at most ``chunk_elements`` elements, in float32 for
+    16-bit inputs and in the input dtype otherwise, so memory stays bounded for long sequences.
+
+    Args:
+        q: ``(B, H, Tq, D)`` queries (any leading batch dims are flattened into B).
+        k: ``(B, Hk, Tk, D)`` keys.
+        attn_mask: optional bool or additive float mask broadcastable to ``(B, H, Tq, Tk)``.
+        is_causal: apply a causal mask (combined with ``attn_mask`` if both are given).
+        scale: score scale; ``None`` means ``1/sqrt(D)``.
+        enable_gqa: allow ``Hk < H`` (grouped-query attention); also accepted implicitly.
+        chunk_elements: memory budget of one chunk of scores, in elements.
+
+    Returns:
+        AttentionStats with per-head tensors on q's device.
+    """
+    q = q.detach()
+    k = k.detach()
+    if q.dim() < 3 or k.dim() < 3:
+        raise ValueError(f"attention_stats: q and k need shape (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}")
+    if q.dim() == 3:
+        q, k = q.unsqueeze(0), k.unsqueeze(0)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+    q = q.reshape(-1, *q.shape[-3:])
+    k = k.reshape(-1, *k.shape[-3:])
+    B, H, Tq, D = q.shape
+    Hk, Tk = k.shape[1], k.shape[2]
+    if Hk != H:
+        if H % Hk:
+            raise ValueError(f"attention_stats: {H} query heads is not a multiple of {Hk} key heads")
+        k = k.repeat_interleave(H // Hk, dim=1)
+    if k.shape[0] != B:
+        k = k.expand(B, *k.shape[1:])
+    dtype = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    q = q.to(dtype)
+    k = k.to(dtype)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    allowed_full, bias_full = _allowed_and_bias(attn_mask, dtype)
+    if allowed_full is not None:
+        allowed_full = allowed_full.expand(B, H, Tq, Tk) if allowed_full.dim() == 4 else allowed_full
+        if bias_full is not None and bias_full.dim() == 4:
+            bias_full = bias_full.expand(B, H, Tq, Tk)
+    kt = k.transpose(-2, -1)
+    head_max = torch.full((H,), -math.inf, dtype=dtype, device=q.device)
+    entropy_sum = torch.zeros(H, dtype=dtype, device=q.device)
+    rows = torch.zeros(H, dtype=dtype, device=q.device)
+    chunk = max(1, min(Tq, chunk_elements // max(1, B * H * Tk)))
+    for i0 in range(0, Tq, chunk):
+        i1 = min(Tq, i0 + chunk)
+        s = torch.matmul(q[:, :, i0:i1], kt) * scale  # (B, H, c, Tk)
+        allowed = None
+        if allowed_full is not None:
+            allowed = _rows(allowed_full, i0, i1, Tq).expand_as(s)
+            if bias_full is not None:
+                s = s + _rows(bias_full, i0, i1, Tq)
+        if is_causal:
+            causal = torch.ones(i1 - i0, Tk, dtype=torch.bool, device=q.device).tril(diagonal=i0)
+            allowed = causal if allowed is None else allowed & causal
+        if allowed is not None:
+            s = s.masked_fill(~allowed, -math.inf)
+        row_max = s.amax(dim=-1)  # (B, H, c); -inf for rows with no allowed key
+        head_max = torch.maximum(head_max, row_max.amax(dim=(0, 2)))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse.unsqueeze(-1))
+        s_finite = s if allowed is None else s.masked_fill(~allowed, 0.0)
+        ent = lse - (p * s_finite).sum(-1)  # H(p) = lse - sum p s
+        valid = torch.isfinite(row_max) | torch.isnan(row_max)
+        entropy_sum = entropy_sum + torch.where(valid, ent, 0.0).sum(dim=(0, 2))
+        rows = rows + valid.to(dtype).sum(dim=(0, 2))
+    return AttentionStats(head_max, entropy_sum, rows)
+
+
+def _rows(m: torch.Tensor, i0: int, i1: int, Tq: int) -> torch.Tensor:
+    """Query rows i0:i1 of a mask broadcastable to (..., Tq, Tk)."""
+    return m if m.shape[-2] == 1 else m[..., i0:i1, :]
+
+
+def materialised_attention_stats(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slow, obvious reference: (max logit, mean row entropy) from the full score matrix in float64."""
+    q, k = q.detach().double(), k.detach().double()
+    H, Hk = q.shape[-3], k.shape[-3]
+    if Hk != H:
+        k = k.repeat_interleave(H // Hk, dim=-3)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-2, -1) * scale
+    allowed = torch.ones_like(s, dtype=torch.bool)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask
+        else:
+            s = s + attn_mask.double()
+            allowed = allowed & (attn_mask > torch.finfo(attn_mask.dtype).min / 2)
+    if is_causal:
+        allowed = allowed & torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool).tril()
+    s = s.masked_fill(~allowed, -math.inf)
+    valid = allowed.any(-1)
+    p = torch.softmax(s[valid], dim=-1)
+    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
+    return s[valid].max(), ent.mean()
+
+
+def lse_partials(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial sums of log Z over tokens: (sum lse, sum lse^2, n tokens, max logit).
+
+    ``log Z = logsumexp(logits, -1)`` per token, in float32 (float64 if the input is).
+    """
+    z = logits.detach()
+    z = z.float() if z.dtype not in (torch.float32, torch.float64) else z
+    lse = torch.logsumexp(z, dim=-1).reshape(-1)
+    n = torch.tensor(float(lse.numel()), dtype=z.dtype, device=z.device)
+    return lse.sum(), (lse * lse).sum(), n, z.amax()
+
+
+def lse_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, std, max) of log Z over all tokens; std is the unbiased sample std (torch.std)."""
+    s, s2, n, mx = lse_partials(logits)
+    mean = s / n
+    var = (s2 - n * mean * mean) / (n - 1).clamp_min(1)
+    return mean, var.clamp_min(0).sqrt(), mx
+
+
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square, ``sqrt(mean(x^2))``, in float32 or better."""
+    x = x.detach()
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    return x.pow(2).mean().sqrt()
+
+
+def batch_entropy(h: torch.Tensor, min_var: float = 1e-12) -> torch.Tensor:
+    """Layer-wise batch entropy (Peer et al., 2022): mean over units of 0.5*log(2*pi*e*var).
+
+    ``h`` is ``(..., D)``; every leading position is one sample of the ``D`` units. ``var`` is the
+    unbiased variance over samples, clamped at ``min_var`` so a dead unit gives a finite value.
+    """
+    x = h.detach().reshape(-1, h.shape[-1])
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    var = x.var(dim=0).clamp_min(min_var)
+    return (0.5 * torch.log(2 * math.pi * math.e * var)).mean()
+
+
+def kurtosis(h: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the kurtosis across features, ``E[(h-mu)^4] / E[(h-mu)^2]^2``."""
+    x = h.detach()
+    x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
+    c = x - x.mean(-1, keepdim=True)
+    m2 = c.pow(2).mean(-1)
+    m4 = c.pow(4).mean(-1)
+    return (m4 / m2.pow(2).clamp_min(1e-30)).mean()
+
+
+def sensitivity_threshold(lr: float, beta1: float = 0.9) -> float:
+    """Edge-of-stability threshold of Adam's preconditioned sharpness: (2 + 2*beta1) / ((1 - beta1) * lr)."""
+    return (2 + 2 * beta1) / ((1 - beta1) * lr)

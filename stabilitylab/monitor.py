@@ -1,0 +1,267 @@
+"""Monitor: runs probes on a schedule, reduces their partials once, one host transfer per logged step.
+
+    mon = Monitor(model, optimizer=opt, every=10)
+    for batch in loader:
+        loss = model(batch).loss
+        loss.backward(); opt.step(); opt.zero_grad()
+        mon.step(loss)          # non-logged steps: a counter increment, no host sync
+    mon.close()
+    df = mon.history()          # tidy DataFrame: run_id, step, metric, module, value, wall_time
+
+Step ``s`` (counted from ``start_step``) is logged when ``s % every == 0``. Probes are armed *before*
+a logged step's forward/backward (at construction for the first one, then by the previous ``step()``
+call), so hooks only compute on logged steps.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stabilitylab import metrics as M
+from stabilitylab.probes import build_probes
+from stabilitylab.probes.attention import AttentionProbe
+from stabilitylab.probes.base import Block, Event, Probe
+from stabilitylab.sinks.base import Records, Sink, _Guarded
+from stabilitylab.sinks.memory import Memory
+from stabilitylab.sinks.parquet import Parquet, read_history
+
+
+def _finalise(reduce: np.ndarray, num: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Final values from reduced partials, vectorised over rows (see metrics module docstring)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = num.copy()
+        mean = reduce == 2
+        out[mean] = num[mean] / w[mean]
+        r = reduce == 3
+        out[r] = np.sqrt(num[r] / w[r])
+    return out
+
+
+_REDUCE_CODE = {"max": 0, "min": 1, "mean": 2, "rms": 3, "sum": 4}
+
+
+class Monitor:
+    """Attach stability probes to a model (and optimizer) and log their signals.
+
+    Args:
+        model: the ``nn.Module`` being trained (DDP/compiled wrappers are fine).
+        optimizer: its optimizer (any wrapper around a ``torch.optim.Optimizer``); needed for gradient,
+            update and Adam metrics.
+        every: log every ``every``-th step (``>= 1``).
+        probes: ``"default"`` or a list of probe names / Probe objects.
+        sinks: where records go (``sinks.Parquet``, ``sinks.WandB``, ``sinks.Console``, ...).
+        run_id: name of this run in the records (default: a random id).
+        keep_history: keep every record in memory for ``history()`` (an int keeps the last N logged
+            steps; False keeps none and ``history()`` reads the Parquet sink instead).
+        start_step: number of the first step (for resumed runs).
+        config: extra settings stored with the run (sinks such as W&B record them).
+        on_event: callback ``fn(event)`` for health events and early warnings.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any = None,
+        every: int = 10,
+        probes: str | Sequence[str | Probe] = "default",
+        sinks: Sequence[Sink] | None = None,
+        run_id: str | None = None,
+        keep_history: bool | int = True,
+        start_step: int = 0,
+        config: dict[str, Any] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Monitor(model=...): expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Monitor(every={every!r}): must be an int >= 1 (1 logs every step)")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"Monitor(start_step={start_step!r}): must be an int >= 0")
+        if sinks is None:
+            sinks = []
+        if isinstance(sinks, Sink):
+            sinks = [sinks]
+        for s in sinks:
+            if not isinstance(s, Sink):
+                raise TypeError(f"Monitor(sinks=...): {s!r} is not a stabilitylab sink (sinks.Parquet, "
+                                "sinks.WandB, sinks.Console, sinks.Memory)")
+        if not (isinstance(keep_history, bool) or (isinstance(keep_history, int) and keep_history > 0)):
+            raise ValueError(f"Monitor(keep_history={keep_history!r}): pass True, False or a positive int")
+        self.model = model
+        self.optimizer = optimizer
+        self.every = every
+        self.run_id = run_id or uuid.uuid4().hex[:8]
+        self.step_count = start_step
+        self.config = dict(config or {})
+        self.on_event = on_event
+        self.events: list[Event] = []
+        self._memory: Memory | None = None
+        if keep_history:
+            self._memory = Memory(None if keep_history is True else int(keep_history))
+        self.sinks: list[Sink] = list(sinks)
+        self._guards = [_Guarded(s) for s in ([self._memory] if self._memory else []) + self.sinks]
+        self.probes = self._build(probes)
+        self._closed = False
+        self._t0 = time.time()
+        settings = {"every": every, "probes": [p.name for p in self.probes], "run_id": self.run_id,
+                    "n_params": sum(p.numel() for p in model.parameters()), **self.config}
+        for g in self._guards:
+            g._call(g.sink.open, self.run_id, settings)
+        self._arm(self._logged(self.step_count))
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, spec) -> list[Probe]:
+        attached = []
+        for p in build_probes(spec, self.optimizer is not None):
+            p.run_id = self.run_id
+            p.attach(self.model, self.optimizer)
+            if isinstance(p, AttentionProbe) and not p.covered:  # only when required=False (default set)
+                warnings.warn("stabilitylab: " + _short_unsupported(self.model), stacklevel=3)
+                p.detach()
+                continue
+            attached.append(p)
+        return attached
+
+    # ------------------------------------------------------------------ schedule
+    def _logged(self, step: int) -> bool:
+        return step % self.every == 0
+
+    @property
+    def logging_now(self) -> bool:
+        """True when the step in progress will be logged (probes are armed)."""
+        return self._logged(self.step_count)
+
+    def _arm(self, armed: bool) -> None:
+        for p in self.probes:
+            p.arm(armed)
+
+    def probe(self, name: str) -> Probe:
+        """The attached probe called ``name`` (e.g. ``"attention"``)."""
+        for p in self.probes:
+            if p.name == name:
+                return p
+        raise KeyError(f"Monitor.probe({name!r}): no such probe attached; attached: {[p.name for p in self.probes]}")
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, loss: torch.Tensor | float | None = None) -> dict[tuple[str, str], float] | None:
+        """End of a training step. On logged steps collect, reduce, transfer once, write sinks.
+
+        Returns the logged values ``{(metric, module): value}`` on logged steps, else None.
+        """
+        if self._closed:
+            raise RuntimeError("Monitor.step: the monitor is closed")
+        step = self.step_count
+        out = None
+        if self._logged(step):
+            out = self._log_step(step, loss)
+        self.step_count += 1
+        self._arm(self._logged(self.step_count))
+        return out
+
+    def _gather(self, loss) -> list[Block]:
+        blocks: list[Block] = []
+        for p in self.probes:
+            blocks.extend(p.collect())
+        if loss is not None:
+            t = loss.detach().reshape(-1)[:1].float() if isinstance(loss, torch.Tensor) else torch.tensor([float(loss)])
+            blocks.append(Block(M.LOSS, ("",), t, torch.ones_like(t)))
+        return blocks
+
+    def _reduce_across_ranks(self, reduce: torch.Tensor, num: torch.Tensor, w: torch.Tensor):
+        """Hook for data-parallel reduction (see integrations/distributed); single process: identity."""
+        return num, w
+
+    def _log_step(self, step: int, loss) -> dict[tuple[str, str], float]:
+        blocks = self._gather(loss)
+        metrics_col: list[str] = []
+        modules_col: list[str] = []
+        if blocks:
+            device = blocks[0].num.device
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            num = torch.cat([b.num.to(device=device, dtype=dtype) for b in blocks])
+            w = torch.cat([b.weight.to(device=device, dtype=dtype) for b in blocks])
+            codes = []
+            for b in blocks:
+                metrics_col.extend([b.metric] * len(b.modules))
+                modules_col.extend(b.modules)
+                codes.extend([_REDUCE_CODE[M.spec(b.metric).reduce]] * len(b.modules))
+            reduce = np.asarray(codes)
+            num, w = self._reduce_across_ranks(reduce, num, w)
+            both = torch.stack([num, w]).cpu().numpy()  # the one device -> host transfer
+            values = _finalise(reduce, both[0], both[1])
+        else:
+            values = np.zeros(0)
+        # Same (metric, module) from several blocks: keep the last (probes own distinct keys).
+        vals = dict(zip(zip(metrics_col, modules_col), values.tolist()))
+        events: list[Event] = []
+        for p in self.probes:
+            extra, ev = p.on_host(step, vals)
+            for metric, module, v in extra:
+                vals[(metric, module)] = float(v)
+            events.extend(ev)
+        rec = Records(self.run_id, step, time.time(), [k[0] for k in vals], [k[1] for k in vals],
+                      np.fromiter(vals.values(), dtype=np.float64, count=len(vals)))
+        for g in self._guards:
+            g.write(rec)
+        if events:
+            self.emit(events)
+        return vals
+
+    def emit(self, events: Sequence[Event]) -> None:
+        """Send events (health, early warnings) to the sinks and the ``on_event`` callback."""
+        self.events.extend(events)
+        for g in self._guards:
+            g.write_events(events)
+        if self.on_event is not None:
+            for e in events:
+                self.on_event(e)
+
+    # ------------------------------------------------------------------ results
+    def history(self) -> pd.DataFrame:
+        """All logged records as a tidy DataFrame (run_id, step, metric, module, value, wall_time)."""
+        if self._memory is not None:
+            return self._memory.to_frame()
+        for s in self.sinks:
+            if isinstance(s, Parquet):
+                s.flush()
+                df = read_history(s.path)
+                return df[df["run_id"] == self.run_id].reset_index(drop=True)
+        raise RuntimeError("Monitor.history(): keep_history=False and no Parquet sink; nothing to read")
+
+    def flush(self) -> None:
+        for g in self._guards:
+            g.flush()
+
+    def close(self) -> None:
+        """Detach probes and flush/close every sink. Closing twice is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
+        for p in self.probes:
+            p.detach()
+        for g in self._guards:
+            g.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Monitor(run_id={self.run_id!r}, every={self.every}, step={self.step_count}, "
+                f"probes={[p.name for p in self.probes]}, sinks={[type(s).__name__ for s in self.sinks]})")
+
+
+def _short_unsupported(model: torch.nn.Module) -> str:
+    return (f"no attention found in {type(model).__name__}, so attn.* metrics are off. Add "
+            "stabilitylab.record_qk(q, k, ..., module=self) where it computes attention to get them.")
+

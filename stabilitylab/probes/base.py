@@ -1,0 +1,181 @@
+"""The Probe protocol: attach, arm for a logged step, record partials, collect, detach.
+
+A probe observes training through hooks and never changes it. On a logged step it records *partials*
+(see ``stabilitylab.metrics``) as device tensors; the Monitor collects them, reduces them once (across
+micro-batches here, across ranks in the Monitor) and moves everything to the host in one transfer.
+
+Subclasses implement ``_attach`` / ``_detach`` (register hooks with ``self._hook(handle)``), record with
+``record`` / ``record_many`` while ``self.armed`` is True, and may implement ``on_host`` for
+statistics that need the host-side history (e.g. loss-spike z-scores).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from stabilitylab import metrics as M
+
+
+@dataclass
+class Block:
+    """Partials of one metric for several modules: final value per module from ``(num, weight)``."""
+
+    metric: str
+    modules: tuple[str, ...]
+    num: torch.Tensor  # (N,)
+    weight: torch.Tensor  # (N,)
+
+
+@dataclass
+class Event:
+    """A discrete happening worth an alert: a loss spike, non-finite values, an early warning."""
+
+    run_id: str
+    step: int
+    kind: str
+    module: str = ""
+    value: float = float("nan")
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _as_tensor(x: Any, like: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().reshape(-1)
+    device = like.device if like is not None else "cpu"
+    return torch.tensor([float(x)], device=device)
+
+
+class Probe:
+    """Base class of every probe. Attach and detach are idempotent.
+
+    Attributes:
+        name: registry name used in ``Monitor(probes=[...])``.
+        metrics: metric names this probe can record.
+    """
+
+    name: ClassVar[str] = "probe"
+    metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.armed = False
+        self.run_id = ""
+        self._handles: list[Any] = []
+        self._blocks: dict[tuple[str, tuple[str, ...]], Block] = {}
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def attached(self) -> bool:
+        return self.model is not None
+
+    def attach(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Probe:
+        """Register hooks on ``model`` / ``optimizer``. Attaching twice is a no-op."""
+        if self.attached:
+            return self
+        self.model = model
+        self.optimizer = optimizer
+        try:
+            self._attach()
+        except Exception:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook. Detaching twice (or before attaching) is a no-op."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self.model is not None:
+            self._detach()
+        self.model = None
+        self.optimizer = None
+        self.armed = False
+        self._blocks.clear()
+
+    def arm(self, armed: bool) -> None:
+        """Called by the Monitor before each step: True when the coming step is logged."""
+        self.armed = armed
+
+    def _attach(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _detach(self) -> None:
+        pass
+
+    def _hook(self, handle: Any) -> None:
+        self._handles.append(handle)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"stabilitylab {self.name} probe: {message}", stacklevel=3)
+
+    # ----------------------------------------------------------------- recording
+    def record_many(self, metric: str, modules: tuple[str, ...] | list[str], num: torch.Tensor,
+                    weight: torch.Tensor | float = 1.0) -> None:
+        """Record partials for several modules at once; combines with earlier micro-batches.
+
+        ``num`` is the value for ``max``/``min``/``sum`` metrics, the weighted sum for ``mean`` and the
+        sum of squares for ``rms``; ``weight`` the number of items behind it (tokens, elements).
+        """
+        spec = M.spec(metric)
+        modules = tuple(modules)
+        num = num.detach().reshape(-1)
+        if isinstance(weight, torch.Tensor):
+            weight = weight.detach().reshape(-1).to(num.dtype).expand_as(num)
+        else:
+            weight = torch.full_like(num, float(weight))
+        key = (metric, modules)
+        old = self._blocks.get(key)
+        if old is None:
+            self._blocks[key] = Block(metric, modules, num, weight)
+            return
+        if spec.reduce == "max":
+            num = torch.maximum(old.num, num)
+        elif spec.reduce == "min":
+            num = torch.minimum(old.num, num)
+        else:
+            num = old.num + num
+        self._blocks[key] = Block(metric, modules, num, old.weight + weight)
+
+    def record(self, metric: str, module: str, num: Any, weight: Any = 1.0) -> None:
+        """Record one partial (see ``record_many``)."""
+        t = _as_tensor(num)
+        w = _as_tensor(weight, t).to(t.dtype) if isinstance(weight, torch.Tensor) else float(weight)
+        self.record_many(metric, (module,), t, w)
+
+    def record_value(self, metric: str, module: str, value: Any) -> None:
+        """Record a finished value with weight 1 (squared for ``rms`` metrics so it round-trips)."""
+        t = _as_tensor(value)
+        if M.spec(metric).reduce == "rms":
+            t = t * t
+        self.record_many(metric, (module,), t, 1.0)
+
+    def collect(self) -> list[Block]:
+        """Hand over this step's partials (device tensors, no host sync) and reset."""
+        self._before_collect()
+        blocks = list(self._blocks.values())
+        self._blocks.clear()
+        return blocks
+
+    def _before_collect(self) -> None:
+        pass
+
+    def on_host(self, step: int, values: dict[tuple[str, str], float]) -> tuple[
+            list[tuple[str, str, float]], list[Event]]:
+        """Host-side statistics from this step's finished values: (extra records, events)."""
+        return [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(attached={self.attached})"

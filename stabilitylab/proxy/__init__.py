@@ -1,0 +1,8 @@
+"""The built-in proxy Transformer, its byte-level data and ``train_one``."""
+
+from stabilitylab.proxy.data import ByteData, load_corpus
+from stabilitylab.proxy.model import PRESETS, ProxyConfig, ProxyTransformer, preset
+from stabilitylab.proxy.train import RunResult, TrainConfig, build_optimizer, evaluate, train_one
+
+__all__ = ["PRESETS", "ByteData", "ProxyConfig", "ProxyTransformer", "RunResult", "TrainConfig",
+           "build_optimizer", "evaluate", "load_corpus", "preset", "train_one"]
