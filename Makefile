@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,hf,lightning,ray,mup
+EXTRAS ?= dev,hf,lightning,ray
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stabilitylab-installed
 PYTEST_ARGS ?=
@@ -13,9 +13,11 @@ PYTEST_ARGS ?=
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# torch is named again so the resolver keeps that build instead of replacing it.
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]" $(TORCH)
+	# mup declares torchvision, which would replace torch: install it without dependencies.
+	$(BIN)/python -m pip install -q --no-deps "mup>=1.0" pyyaml
 	touch $(STAMP)
 
 install: $(STAMP)

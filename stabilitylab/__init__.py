@@ -9,10 +9,14 @@
 from stabilitylab import metrics, mitigations, probes, sinks
 from stabilitylab.adapters import record_qk, register_adapter
 from stabilitylab.analysis import lr_sensitivity
+from stabilitylab.distributed import UnsupportedParallelismError
 from stabilitylab.monitor import Monitor
 from stabilitylab.proxy import ProxyConfig, ProxyTransformer, TrainConfig, train_one
+from stabilitylab.proxy.vectorized import train_many
+from stabilitylab.sweeps import SweepSpec, load_sweep, sweep
 
 __version__ = "0.1.0"
 
 __all__ = ["Monitor", "ProxyConfig", "ProxyTransformer", "TrainConfig", "__version__", "lr_sensitivity",
-           "metrics", "mitigations", "probes", "record_qk", "register_adapter", "sinks", "train_one"]
+           "metrics", "mitigations", "probes", "record_qk", "register_adapter", "sinks", "train_one",
+           "SweepSpec", "load_sweep", "sweep", "train_many", "UnsupportedParallelismError"]

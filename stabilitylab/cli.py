@@ -10,6 +10,8 @@ import sys
 #: Modules that define ``add_parser(subparsers)``; each sets ``func`` on its parser.
 COMMAND_MODULES = [
     "stabilitylab.demo",
+    "stabilitylab.sweeps.cli",
+    "stabilitylab.analysis.cli",
 ]
 
 

@@ -8,8 +8,6 @@ figures (LR vs final loss; max attention logit vs step).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -24,29 +22,21 @@ DEMO_VARIANTS = ("baseline", "qk_layernorm")
 def run_demo(out: str | Path = "runs/demo", sizes=DEMO_SIZES, lrs=DEMO_LRS, variants=DEMO_VARIANTS,
              steps: int = 300, batch_size: int = 16, every: int = 10, seed: int = 0,
              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train every (size, lr, variant) once with a Monitor; return (runs, history) and write them."""
-    from tqdm.auto import tqdm
+    """Train every (size, lr, variant) once with a Monitor; return (runs, history) and write them.
 
-    from stabilitylab.mitigations.bundles import bundle
-    from stabilitylab.proxy import TrainConfig, preset, train_one
+    The grid runs through ``sweep`` (local executor) into the resumable store ``<out>/sweep``, so an
+    interrupted demo picks up where it stopped and points shared with an earlier demo are reused;
+    ``<out>/runs.parquet`` and ``<out>/history.parquet`` hold this invocation's runs only.
+    """
+    from stabilitylab.sweeps import SweepSpec, load_sweep, sweep
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    grid = [(s, lr, v) for s in sizes for v in variants for lr in lrs]
-    rows, histories = [], []
-    bar = tqdm(grid, desc="demo runs", unit="run", disable=not progress)
-    for size, lr, variant in bar:
-        b = bundle(variant)
-        cfg = TrainConfig(model=preset(size, **b["model"]), lr=lr, steps=steps, batch_size=batch_size,
-                          seed=seed, warmup_steps=max(1, steps // 10), **b["train"])
-        run_id = hashlib.sha1(json.dumps([size, lr, variant, seed, steps]).encode()).hexdigest()[:10]
-        bar.set_postfix_str(f"{size} {variant} lr={lr:g}")
-        r = train_one(cfg, monitor={"every": every, "run_id": run_id})
-        rows.append({"run_id": run_id, "size": size, "lr": lr, "variant": variant, "seed": seed,
-                     "steps": steps, **r.to_row()})
-        histories.append(r.history)
-    runs = pd.DataFrame(rows)
-    history = pd.concat(histories, ignore_index=True)
+    spec = SweepSpec(name="demo", lrs=list(lrs), sizes=list(sizes), variants=list(variants), seeds=[seed],
+                     steps=steps, batch_size=batch_size, every=every)
+    runs = sweep(spec, executor="local", store=out / "sweep", extend=True, progress=progress)
+    history = load_sweep(out / "sweep")[1]
+    history = history[history["run_id"].isin(runs["run_id"])].reset_index(drop=True)
     runs.to_parquet(out / "runs.parquet", index=False)
     history.to_parquet(out / "history.parquet", index=False)
     return runs, history

@@ -69,10 +69,14 @@ def attention_stats(
     The score of query i and key j is ``s_ij = scale * q_i . k_j`` (``scale`` defaults to
     ``1/sqrt(D)``) plus the additive float mask if one is given. A position is allowed when the boolean
     mask is True / the float mask is above ``finfo.min / 2`` and, with ``is_causal``, ``j <= i``
-    (top-left aligned, like SDPA). Rows with no allowed key are excluded from the entropy.
+    (top-left aligned, like SDPA). Rows with no allowed key are excluded from the entropy. The row
+    entropy is ``H_i = -sum_j p_ij log p_ij`` with ``p_i = softmax(s_i)`` over allowed keys (nats),
+    computed as ``lse(z_i) - sum_j p_ij z_ij`` with ``z_i = s_i - max_j s_ij`` so it stays exact for
+    large logits. NaN scores propagate into the result (they are data, never an error).
 
     Scores are materialised in query chunks of at most ``chunk_elements`` elements, in float32 for
-    16-bit inputs and in the input dtype otherwise, so memory stays bounded for long sequences.
+    16-bit inputs and in the input dtype otherwise, so memory stays bounded for long sequences; with
+    ``is_causal`` a chunk of query rows only scores the keys it can see (about half the work).
 
     Args:
         q: ``(B, H, Tq, D)`` queries (any leading batch dims are flattened into B).
@@ -100,7 +104,8 @@ def attention_stats(
     Hk, Tk = k.shape[1], k.shape[2]
     if Hk != H:
         if H % Hk:
-            raise ValueError(f"attention_stats: {H} query heads is not a multiple of {Hk} key heads")
+            raise ValueError(f"attention_stats: q has {H} heads, not a multiple of the {Hk} key heads of k; "
+                             "pass q (B, H, Tq, D) and k (B, Hk, Tk, D) with H % Hk == 0")
         k = k.repeat_interleave(H // Hk, dim=1)
     if k.shape[0] != B:
         k = k.expand(B, *k.shape[1:])
@@ -120,32 +125,37 @@ def attention_stats(
     chunk = max(1, min(Tq, chunk_elements // max(1, B * H * Tk)))
     for i0 in range(0, Tq, chunk):
         i1 = min(Tq, i0 + chunk)
-        s = torch.matmul(q[:, :, i0:i1], kt) * scale  # (B, H, c, Tk)
+        kend = min(Tk, i1) if is_causal else Tk  # causal rows i0:i1 never see keys past i1 - 1
+        s = torch.matmul(q[:, :, i0:i1], kt[..., :kend]) * scale  # (B, H, c, kend)
         allowed = None
         if allowed_full is not None:
-            allowed = _rows(allowed_full, i0, i1, Tq).expand_as(s)
+            allowed = _rows(allowed_full, i0, i1, kend).expand_as(s)
             if bias_full is not None:
-                s = s + _rows(bias_full, i0, i1, Tq)
+                s = s + _rows(bias_full, i0, i1, kend)
         if is_causal:
-            causal = torch.ones(i1 - i0, Tk, dtype=torch.bool, device=q.device).tril(diagonal=i0)
+            causal = torch.ones(i1 - i0, kend, dtype=torch.bool, device=q.device).tril(diagonal=i0)
             allowed = causal if allowed is None else allowed & causal
         if allowed is not None:
             s = s.masked_fill(~allowed, -math.inf)
         row_max = s.amax(dim=-1)  # (B, H, c); -inf for rows with no allowed key
         head_max = torch.maximum(head_max, row_max.amax(dim=(0, 2)))
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse.unsqueeze(-1))
-        s_finite = s if allowed is None else s.masked_fill(~allowed, 0.0)
-        ent = lse - (p * s_finite).sum(-1)  # H(p) = lse - sum p s
         valid = torch.isfinite(row_max) | torch.isnan(row_max)
+        # Entropy from scores shifted by the row max, z = s - max <= 0, so H = lse(z) - sum p z loses no
+        # precision to large logits: the regime the probe watches.
+        z = s - torch.where(valid, row_max, 0.0).unsqueeze(-1)
+        lse = torch.logsumexp(z, dim=-1)
+        p = torch.exp(z - lse.unsqueeze(-1))
+        z_finite = z if allowed is None else z.masked_fill(~allowed, 0.0)
+        ent = lse - (p * z_finite).sum(-1)
         entropy_sum = entropy_sum + torch.where(valid, ent, 0.0).sum(dim=(0, 2))
         rows = rows + valid.to(dtype).sum(dim=(0, 2))
     return AttentionStats(head_max, entropy_sum, rows)
 
 
-def _rows(m: torch.Tensor, i0: int, i1: int, Tq: int) -> torch.Tensor:
-    """Query rows i0:i1 of a mask broadcastable to (..., Tq, Tk)."""
-    return m if m.shape[-2] == 1 else m[..., i0:i1, :]
+def _rows(m: torch.Tensor, i0: int, i1: int, kend: int) -> torch.Tensor:
+    """Query rows i0:i1 and keys :kend of a mask broadcastable to (..., Tq, Tk)."""
+    m = m if m.shape[-2] == 1 else m[..., i0:i1, :]
+    return m if m.shape[-1] == 1 else m[..., :kend]
 
 
 def materialised_attention_stats(
@@ -191,11 +201,17 @@ def lse_partials(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def lse_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean, std, max) of log Z over all tokens; std is the unbiased sample std (torch.std)."""
-    s, s2, n, mx = lse_partials(logits)
-    mean = s / n
-    var = (s2 - n * mean * mean) / (n - 1).clamp_min(1)
-    return mean, var.clamp_min(0).sqrt(), mx
+    """(mean, std, max) of log Z over all tokens; std is the unbiased sample std (torch.std).
+
+    Two-pass (centred) variance: log Z is large next to its spread, so sum(lse^2) - n*mean^2 would
+    lose most digits in float32. A single token gives std 0.
+    """
+    z = logits.detach()
+    z = z.float() if z.dtype not in (torch.float32, torch.float64) else z
+    lse = torch.logsumexp(z, dim=-1).reshape(-1)
+    mean = lse.mean()
+    var = (lse - mean).pow(2).sum() / max(lse.numel() - 1, 1)
+    return mean, var.sqrt(), z.amax()
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stabilitylab import distributed as D
 from stabilitylab import metrics as M
 from stabilitylab.probes import build_probes
 from stabilitylab.probes.attention import AttentionProbe
@@ -52,7 +53,9 @@ class Monitor:
     """Attach stability probes to a model (and optimizer) and log their signals.
 
     Args:
-        model: the ``nn.Module`` being trained (DDP/compiled wrappers are fine).
+        model: the ``nn.Module`` being trained (DDP/compiled wrappers are fine; a DDP wrapper is unwrapped
+            so module names carry no ``module.`` prefix; FSDP2 ``fully_shard`` models are supported,
+            tensor parallel ones are refused with ``distributed.UnsupportedParallelismError``).
         optimizer: its optimizer (any wrapper around a ``torch.optim.Optimizer``); needed for gradient,
             update and Adam metrics.
         every: log every ``every``-th step (``>= 1``).
@@ -64,6 +67,9 @@ class Monitor:
         start_step: number of the first step (for resumed runs).
         config: extra settings stored with the run (sinks such as W&B record them).
         on_event: callback ``fn(event)`` for health events and early warnings.
+        rank_zero_only: in a multi-rank run (DDP, FSDP2) only rank 0 writes to ``sinks`` (every rank
+            still computes the same reduced values and keeps ``history()``). False makes every rank write,
+            with run id ``<run_id>-rank<r>`` so per-rank files never collide (for debugging).
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class Monitor:
         start_step: int = 0,
         config: dict[str, Any] | None = None,
         on_event: Callable[[Event], None] | None = None,
+        rank_zero_only: bool = True,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -89,12 +96,31 @@ class Monitor:
             sinks = []
         if isinstance(sinks, Sink):
             sinks = [sinks]
+        if not isinstance(sinks, (list, tuple)):
+            raise TypeError(f"Monitor(sinks={sinks!r}): pass a list of stabilitylab sinks (sinks.Parquet, "
+                            "sinks.WandB, sinks.Console, sinks.Memory)")
         for s in sinks:
             if not isinstance(s, Sink):
                 raise TypeError(f"Monitor(sinks=...): {s!r} is not a stabilitylab sink (sinks.Parquet, "
                                 "sinks.WandB, sinks.Console, sinks.Memory)")
         if not (isinstance(keep_history, bool) or (isinstance(keep_history, int) and keep_history > 0)):
             raise ValueError(f"Monitor(keep_history={keep_history!r}): pass True, False or a positive int")
+        if run_id is not None and not (isinstance(run_id, str) and run_id):
+            raise TypeError(f"Monitor(run_id={run_id!r}): pass a non-empty str or None (a random id)")
+        if config is not None and not isinstance(config, dict):
+            raise TypeError(f"Monitor(config={config!r}): pass a dict of settings or None")
+        if on_event is not None and not callable(on_event):
+            raise TypeError(f"Monitor(on_event={on_event!r}): pass a callable fn(event) or None")
+        if not isinstance(rank_zero_only, bool):
+            raise TypeError(f"Monitor(rank_zero_only={rank_zero_only!r}): pass True or False")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module  # hooks on the wrapped module see the same calls; names lose "module."
+        D.check_supported(model)
+        rank, world = D.rank_and_world()
+        if world > 1:
+            run_id = _broadcast_run_id(run_id)
+            if not rank_zero_only:
+                run_id = f"{run_id}-rank{rank}"
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -107,7 +133,11 @@ class Monitor:
         if keep_history:
             self._memory = Memory(None if keep_history is True else int(keep_history))
         self.sinks: list[Sink] = list(sinks)
-        self._guards = [_Guarded(s) for s in ([self._memory] if self._memory else []) + self.sinks]
+        self.rank_zero_only = rank_zero_only
+        writes = not (rank_zero_only and rank != 0)
+        targets = ([self._memory] if self._memory else []) + (self.sinks if writes else [])
+        self._guards = [_Guarded(s) for s in targets]
+        self._per_rank: torch.Tensor | None = None
         self.probes = self._build(probes)
         self._closed = False
         self._t0 = time.time()
@@ -122,7 +152,12 @@ class Monitor:
         attached = []
         for p in build_probes(spec, self.optimizer is not None):
             p.run_id = self.run_id
-            p.attach(self.model, self.optimizer)
+            try:
+                p.attach(self.model, self.optimizer)
+            except Exception:
+                for q in attached:  # a failed Monitor leaves no hooks behind
+                    q.detach()
+                raise
             if isinstance(p, AttentionProbe) and not p.covered:  # only when required=False (default set)
                 warnings.warn("stabilitylab: " + _short_unsupported(self.model), stacklevel=3)
                 p.detach()
@@ -141,7 +176,7 @@ class Monitor:
 
     def _arm(self, armed: bool) -> None:
         for p in self.probes:
-            p.arm(armed)
+            p.guard(p.arm)(armed)
 
     def probe(self, name: str) -> Probe:
         """The attached probe called ``name`` (e.g. ``"attention"``)."""
@@ -169,14 +204,28 @@ class Monitor:
     def _gather(self, loss) -> list[Block]:
         blocks: list[Block] = []
         for p in self.probes:
-            blocks.extend(p.collect())
+            blocks.extend(p.guard(p.collect)() or [])
         if loss is not None:
-            t = loss.detach().reshape(-1)[:1].float() if isinstance(loss, torch.Tensor) else torch.tensor([float(loss)])
+            if isinstance(loss, torch.Tensor):
+                t = loss.detach().reshape(-1)[:1]
+                t = t if t.dtype == torch.float64 else t.float()
+            else:
+                t = torch.tensor([float(loss)], dtype=torch.float64)  # a Python float keeps its digits
             blocks.append(Block(M.LOSS, ("",), t, torch.ones_like(t)))
         return blocks
 
-    def _reduce_across_ranks(self, reduce: torch.Tensor, num: torch.Tensor, w: torch.Tensor):
-        """Hook for data-parallel reduction (see integrations/distributed); single process: identity."""
+    def _reduce_across_ranks(self, reduce: np.ndarray, num: torch.Tensor, w: torch.Tensor,
+                             metrics: Sequence[str] = (), loss: torch.Tensor | None = None):
+        """Combine partials over data-parallel ranks (``stabilitylab.distributed``); single process: identity.
+
+        Also keeps ``self._per_rank`` (``(2, world)``: each rank's local non-finite count and loss), moved
+        to the host with the values, so events can name the rank(s) where a problem appeared.
+        """
+        self._per_rank = None
+        if not D.active():
+            return num, w
+        local = D.local_scalars(metrics, num, loss)
+        num, w, self._per_rank = D.reduce_partials(reduce, num, w, local)
         return num, w
 
     def _log_step(self, step: int, loss) -> dict[tuple[str, str], float]:
@@ -194,23 +243,37 @@ class Monitor:
                 modules_col.extend(b.modules)
                 codes.extend([_REDUCE_CODE[M.spec(b.metric).reduce]] * len(b.modules))
             reduce = np.asarray(codes)
-            num, w = self._reduce_across_ranks(reduce, num, w)
-            both = torch.stack([num, w]).cpu().numpy()  # the one device -> host transfer
-            values = _finalise(reduce, both[0], both[1])
+            loss_t = blocks[-1].num[0] if loss is not None else None
+            num, w = self._reduce_across_ranks(reduce, num, w, metrics_col, loss_t)
+            both = torch.stack([num, w])
+            if self._per_rank is not None:
+                both = torch.cat([both, self._per_rank], dim=1)
+            both = both.cpu().numpy()  # the one device -> host transfer
+            n = len(metrics_col)
+            values = _finalise(reduce, both[0, :n], both[1, :n])
+            per_rank = both[:, n:]
         else:
-            values = np.zeros(0)
+            values, per_rank = np.zeros(0), np.zeros((2, 0))
         # Same (metric, module) from several blocks: keep the last (probes own distinct keys).
         vals = dict(zip(zip(metrics_col, modules_col), values.tolist()))
         events: list[Event] = []
         for p in self.probes:
-            extra, ev = p.on_host(step, vals)
+            extra, ev = p.guard(p.on_host)(step, vals) or ([], [])
             for metric, module, v in extra:
                 vals[(metric, module)] = float(v)
             events.extend(ev)
+        for p in self.probes:
+            for e in p.faults:
+                e.run_id, e.step = self.run_id, step
+            events.extend(p.faults)
+            p.faults = []
         rec = Records(self.run_id, step, time.time(), [k[0] for k in vals], [k[1] for k in vals],
                       np.fromiter(vals.values(), dtype=np.float64, count=len(vals)))
         for g in self._guards:
             g.write(rec)
+        if events and per_rank.shape[1]:
+            health = next((p for p in self.probes if p.name == "health"), None)
+            D.name_ranks(events, per_rank[0], per_rank[1], getattr(health, "spike_level", None))
         if events:
             self.emit(events)
         return vals
@@ -259,6 +322,15 @@ class Monitor:
     def __repr__(self) -> str:
         return (f"Monitor(run_id={self.run_id!r}, every={self.every}, step={self.step_count}, "
                 f"probes={[p.name for p in self.probes]}, sinks={[type(s).__name__ for s in self.sinks]})")
+
+
+def _broadcast_run_id(run_id: str | None) -> str:
+    """Rank 0's run id on every rank (a random default would otherwise differ per rank)."""
+    import torch.distributed as dist
+
+    box = [run_id or uuid.uuid4().hex[:8]]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _short_unsupported(model: torch.nn.Module) -> str:

@@ -100,3 +100,147 @@ def save(fig: Figure, path, dpi: int = 110) -> str:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return str(path)
+
+
+def lr_sensitivity_vs_size(runs: pd.DataFrame, lr_range: tuple[float, float] | None = None) -> Figure:
+    """LR sensitivity (``analysis.lr_sensitivity``) vs parameters (log x), one line per variant."""
+    from stabilitylab.analysis import lr_sensitivity
+
+    sens = lr_sensitivity(runs, by=["size", "n_params", "variant"], lr_range=lr_range)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for v, g in sens.groupby("variant", sort=True):
+        g = g.sort_values("n_params")
+        ax.plot(g["n_params"], g["lr_sensitivity"], "-o", label=str(v))
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("LR sensitivity (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attention_logit_heatmap(history: pd.DataFrame, run_id: str) -> Figure:
+    """Per-layer max attention logit over steps of one run: heatmap (layers x steps), log10 colour."""
+    h = history[(history["run_id"] == run_id) & (history["metric"] == M.ATTN_MAX_LOGIT)]
+    if h.empty:
+        raise ValueError(f"attention_logit_heatmap(run_id={run_id!r}): no {M.ATTN_MAX_LOGIT} records for it")
+    w = h.pivot_table(index="module", columns="step", values="value", aggfunc="max")
+    w = w.loc[sorted(w.index, key=lambda m: [int(t) if t.isdigit() else t for t in m.split(".")])]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(w) + 1.6))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.log10(np.abs(w.to_numpy(dtype=float)))
+    steps = w.columns.to_numpy(dtype=float)
+    im = ax.imshow(z, aspect="auto", interpolation="nearest", cmap="magma",
+                   extent=(steps.min(), steps.max(), len(w) - 0.5, -0.5))
+    ax.set_yticks(range(len(w)), list(w.index), fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(f"max attention logit per layer (run {run_id})")
+    fig.colorbar(im, ax=ax, label="log10 |max logit|")
+    fig.tight_layout()
+    return fig
+
+
+def lse_drift(history: pd.DataFrame, runs: pd.DataFrame | None = None, by: str = "lr",
+              variant_col: str = "variant") -> Figure:
+    """Output-logit drift ``lse_mean(step) - lse_mean(first step)`` vs step, one line per run (colour by LR)."""
+    h = history[history["metric"] == M.LOGITS_LSE_MEAN].groupby(["run_id", "step"], as_index=False)["value"].mean()
+    if runs is not None:
+        h = h.merge(runs[[c for c in ("run_id", by, variant_col) if c in runs.columns]], on="run_id")
+    variants = sorted(h[variant_col].unique()) if variant_col in h.columns else [None]
+    fig, axes = plt.subplots(1, max(1, len(variants)), figsize=(4.2 * max(1, len(variants)), 3.6),
+                             sharey=True, squeeze=False)
+    keys = sorted(h[by].unique()) if by in h.columns else []
+    cmap = plt.get_cmap("plasma")
+    for ax, v in zip(axes[0], variants):
+        sub = h if v is None else h[h[variant_col] == v]
+        for rid, g in sub.groupby("run_id", sort=True):
+            g = g.sort_values("step")
+            c = cmap(keys.index(g[by].iloc[0]) / max(1, len(keys) - 1)) if keys else None
+            ax.plot(g["step"], g["value"] - g["value"].iloc[0], color=c, lw=1,
+                    label=f"{by}={g[by].iloc[0]:.3g}" if keys else str(rid))
+        ax.set_xlabel("step")
+        ax.set_title(str(v) if v is not None else "")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("lse_mean - lse_mean(first step)  (nats)")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    axes[0][-1].legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def scaling_fit(fit, holdout: tuple[float, float] | None = None, x_max: float | None = None,
+                title: str = "") -> Figure:
+    """A ``ScalingFit``: data, fitted trend, bootstrap band out to ``x_max`` and the held-out point.
+
+    Args:
+        fit: ``analysis.ScalingFit``.
+        holdout: ``(x, y)`` of an observation not used in the fit (drawn as a red star).
+        x_max: extrapolate the band to here (default: the held-out x, else 10x the largest fitted x).
+    """
+    xs = fit.x
+    hi_x = x_max or (holdout[0] if holdout is not None else xs.max() * 10)
+    grid = np.logspace(np.log10(xs.min()), np.log10(max(hi_x, xs.max())), 100)
+    e = fit.extrapolate(grid)
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.fill_between(grid, e["lo"], e["hi"], alpha=0.25, label=f"{int(fit.level * 100)}% bootstrap band")
+    ax.plot(grid, e["value"], "-", label=f"fit (degree {fit.degree}, R²={fit.r2:.3f})")
+    ax.plot(xs, fit.y, "o", color="k", ms=4, label="fitted points")
+    if holdout is not None:
+        ax.plot([holdout[0]], [holdout[1]], "*", color="red", ms=12, label="held out")
+    ax.set_xscale("log")
+    if fit.log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(fit.x_name)
+    ax.set_ylabel(fit.y_name)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def warning_timeline(history: pd.DataFrame, run_id: str, events=None, factor: float = 10.0) -> Figure:
+    """One run: loss (top) and the watched signals' max over modules, normalised to their first value
+    (bottom, log y), with early-warning events (orange) and the divergence step (red).
+
+    Args:
+        history: tidy history.
+        run_id: the run.
+        events: its warning events (default: replay ``analysis.EarlyWarning()`` over the history).
+        factor: blow-up factor of the divergence step.
+    """
+    from stabilitylab.analysis.early_warning import DEFAULT_WATCH, EarlyWarning, divergence_step
+
+    h = history[history["run_id"] == run_id]
+    if h.empty:
+        raise ValueError(f"warning_timeline(run_id={run_id!r}): no records for this run")
+    loss = h[h["metric"] == M.LOSS].set_index("step")["value"].sort_index()
+    dstep = divergence_step(loss, factor) if len(loss) else float("nan")
+    if events is None:
+        events = EarlyWarning().replay(h[h["step"] < dstep] if np.isfinite(dstep) else h, run_id)
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(6.5, 5), sharex=True)
+    a1.plot(loss.index, loss.to_numpy(), "k-", lw=1)
+    a1.set_ylabel("loss")
+    for metric in DEFAULT_WATCH:
+        if metric == M.LOSS:
+            continue
+        s = h[h["metric"] == metric].groupby("step")["value"].max().sort_index()
+        if metric == M.LOGITS_LSE_MEAN:
+            s = (s - s.iloc[0]).abs() + 1 if len(s) else s
+        if len(s) and s.iloc[0] != 0:
+            a2.plot(s.index, np.abs(s / s.iloc[0]), lw=1, label=metric)
+    a2.set_yscale("log")
+    a2.set_ylabel("signal / first value")
+    a2.set_xlabel("step")
+    for ax in (a1, a2):
+        for e in events:
+            ax.axvline(e.step, color="orange", lw=1, alpha=0.8)
+        if np.isfinite(dstep):
+            ax.axvline(dstep, color="red", lw=1.5)
+        ax.grid(alpha=0.3)
+    a2.legend(fontsize=7)
+    a1.set_title(f"run {run_id}: warnings (orange), divergence (red)")
+    fig.tight_layout()
+    return fig

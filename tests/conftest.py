@@ -33,3 +33,122 @@ def tiny_batch(tiny_cfg):
     x = torch.randint(0, tiny_cfg.vocab_size, (4, tiny_cfg.seq_len), generator=g)
     y = torch.randint(0, tiny_cfg.vocab_size, (4, tiny_cfg.seq_len), generator=g)
     return x, y
+
+
+def _attn_reference(q, k, allowed=None, scale=None, bias=None):
+    """Float64 ground truth from the full score matrix: (max logit, mean row entropy, number of rows).
+
+    ``allowed`` (bool, True = may attend) and ``bias`` (additive) broadcast to (B, H, Tq, Tk); key heads
+    are repeated for grouped-query attention; rows with no allowed key are left out.
+    """
+    q, k = q.detach().double(), k.detach().double()
+    k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        s = s + bias.double()
+    allowed = torch.ones_like(s, dtype=torch.bool) if allowed is None else allowed.expand_as(s)
+    rows = allowed.any(-1)
+    s = s.masked_fill(~allowed, float("-inf"))[rows]
+    p = torch.softmax(s, dim=-1)
+    ent = -torch.where(p > 0, p * p.log(), torch.zeros_like(p)).sum(-1)
+    return s.max().item(), ent.mean().item(), int(rows.sum())
+
+
+@pytest.fixture
+def attn_reference():
+    """The float64 attention reference ``(q, k, allowed=, scale=, bias=) -> (max, entropy, rows)``."""
+    return _attn_reference
+
+
+def _read_wandb_file(path) -> dict:
+    """Parse an offline W&B run file (LevelDB-style log of protobuf ``Record`` messages, CRC-checked).
+
+    Returns ``{"run": RunRecord, "history": [row dicts], "config": {...}, "metrics": [dicts],
+    "alerts": [dicts], "summary": {...}, "run_dir": dir, "complete": bool}`` with values JSON-decoded;
+    ``complete`` once wandb-core wrote the final ``exit`` record.
+    """
+    import json
+    import struct
+    import zlib
+
+    from google.protobuf.json_format import MessageToDict
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = open(path, "rb").read()
+    ident, magic, version = struct.unpack("<4sHB", data[:7])
+    assert (ident, magic, version) == (b":W&B", 0xBEE1, 0), f"not a W&B run file: {path}"
+    block, pos, chunks, buf = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too small for a header: zero padding
+            pos += block - pos % block
+            continue
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 or pos + 7 + length > len(data):  # end of the log, or a record still being written
+            break
+        payload = data[pos + 7:pos + 7 + length]
+        assert zlib.crc32(payload, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"CRC mismatch at {pos}"
+        pos += 7 + length
+        buf = payload if kind in (1, 2) else buf + payload  # FULL/FIRST start, MIDDLE/LAST continue
+        if kind in (1, 4):
+            chunks.append(buf)
+    out = {"run": None, "history": [], "config": {}, "metrics": [], "alerts": [], "summary": {},
+           "run_dir": os.path.dirname(path), "complete": False}
+
+    def key(item):
+        return "/".join(item.nested_key) if item.nested_key else item.key
+
+    for raw in chunks:
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = rec.run
+            out["config"].update({key(i): json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            out["config"].update({key(i): json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "history":
+            out["history"].append({key(i): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "summary":
+            out["summary"].update({key(i): json.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "metric":
+            out["metrics"].append(MessageToDict(rec.metric, preserving_proto_field_name=True))
+        elif kind == "alert":
+            out["alerts"].append(MessageToDict(rec.alert, preserving_proto_field_name=True))
+        elif kind == "exit":
+            out["complete"] = True
+    return out
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """W&B in offline mode writing under a temp dir; returns ``read()`` -> parsed runs, oldest first."""
+    import glob
+
+    wandb_dir = tmp_path / "wandb_dir"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+
+    def read(timeout: float = 60.0) -> list[dict]:
+        """Every finished run; waits for wandb-core to write each file's final ``exit`` record."""
+        import time
+
+        files = sorted(glob.glob(str(wandb_dir / "wandb" / "offline-run-*" / "run-*.wandb")))
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = [_read_wandb_file(f) for f in files]
+            if all(r["complete"] for r in runs) or time.monotonic() > deadline:
+                assert all(r["complete"] for r in runs), "a W&B run file has no exit record (run not finished?)"
+                return runs
+            time.sleep(0.2)
+
+    import wandb
+
+    wandb.teardown()  # wandb caches its settings (WANDB_DIR included) per process: start afresh
+    yield read
+    if wandb.run is not None:  # a test that failed mid-run must not leak its run into the next test
+        wandb.run.finish()
+    wandb.teardown()

@@ -42,5 +42,5 @@ def record_qk(
         return
     for probe in ACTIVE:
         if probe.armed:
-            probe.observe_call(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                               enable_gqa=enable_gqa, module=module)
+            probe.guard(probe.observe_call)(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                            enable_gqa=enable_gqa, module=module)

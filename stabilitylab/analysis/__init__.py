@@ -1,5 +1,16 @@
-"""Analysis of tidy tables: LR sensitivity, fits, predictions. Reads tables, never live models."""
+"""Analysis of tidy tables: LR sensitivity, LR curves, scaling fits, predictions, early warning.
 
+Reads tables (``runs``: one row per run; ``history``: run_id, step, metric, module, value), never live
+models, except ``EarlyWarning``, which is a probe that watches a live Monitor's logged values.
+"""
+
+from stabilitylab.analysis.early_warning import EarlyWarning, divergence_step, evaluate_warnings
+from stabilitylab.analysis.lr_curves import critical_lr, lr_curves, optimal_lr
+from stabilitylab.analysis.predict import predict_instability, run_signals
+from stabilitylab.analysis.scaling import ScalingFit, fit_scaling
 from stabilitylab.analysis.sensitivity import lr_sensitivity, lr_sensitivity_curve
+from stabilitylab.analysis.tables import load_store
 
-__all__ = ["lr_sensitivity", "lr_sensitivity_curve"]
+__all__ = ["EarlyWarning", "ScalingFit", "critical_lr", "divergence_step", "evaluate_warnings", "fit_scaling",
+           "load_store", "lr_curves", "lr_sensitivity", "lr_sensitivity_curve", "optimal_lr",
+           "predict_instability", "run_signals"]

@@ -36,6 +36,8 @@ def lr_sensitivity(runs: pd.DataFrame, by: tuple[str, ...] | list[str] | None = 
         one row per group: the group columns, ``lr_sensitivity``, ``best_loss``, ``best_lr``,
         ``lr_min``, ``lr_max``, ``n_lrs``, ``n_diverged``.
     """
+    if not isinstance(runs, pd.DataFrame):
+        raise TypeError(f"lr_sensitivity(runs=...): expected a pandas DataFrame, got {type(runs).__name__}")
     need = {lr_col, "final_loss", "init_loss"}
     missing = need - set(runs.columns)
     if missing:
@@ -43,9 +45,16 @@ def lr_sensitivity(runs: pd.DataFrame, by: tuple[str, ...] | list[str] | None = 
     if by is None:
         by = [c for c in ("size", "n_params", "variant") if c in runs.columns]
     by = list(by)
-    df = runs.copy()
+    df = runs[np.isfinite(pd.to_numeric(runs[lr_col], errors="coerce").astype(float))].copy()
+    if df.empty:
+        raise ValueError(f"lr_sensitivity(runs=...): no run with a finite {lr_col!r}; pass at least one run")
     if lr_range is not None:
-        a, b = lr_range
+        try:
+            a, b = (float(v) for v in lr_range)
+        except (TypeError, ValueError):
+            raise TypeError(f"lr_sensitivity(lr_range={lr_range!r}): pass a pair (low, high)") from None
+        if not 0 <= a <= b:
+            raise ValueError(f"lr_sensitivity(lr_range={lr_range!r}): need 0 <= low <= high")
         df = df[(df[lr_col] >= a * (1 - 1e-9)) & (df[lr_col] <= b * (1 + 1e-9))]
     if df.empty:
         raise ValueError(f"lr_sensitivity: no runs in lr_range={lr_range}")

@@ -1,7 +1,29 @@
-"""Mitigations: plain PyTorch building blocks that change training (probes never do)."""
+"""Mitigations: plain PyTorch building blocks that change training (probes never do).
 
-from stabilitylab.mitigations.qk_layernorm import QKLayerNorm
-from stabilitylab.mitigations.schedules import warmup_cosine, warmup_cosine_factor
-from stabilitylab.mitigations.z_loss import z_loss
+qk-layernorm (``QKLayerNorm``, ``apply_qk_layernorm``), z-loss (``z_loss``, ``add_z_loss``), logit
+soft-capping (``softcap``), QK-clip (``QKClip``), optimizers (``AdamWIndependentWD``, ``AdamAtan2``),
+schedules (``warmup_cosine``, ``constant_with_warmup``, ``wsd``), the muP coordinate check
+(``coord_check``) and the named sweep bundles (``bundles.BUNDLES``).
+"""
 
-__all__ = ["QKLayerNorm", "warmup_cosine", "warmup_cosine_factor", "z_loss"]
+from stabilitylab.mitigations import bundles
+from stabilitylab.mitigations.bundles import BUNDLES, bundle
+from stabilitylab.mitigations.coord_check import coord_check, plot_coord_check, width_slopes
+from stabilitylab.mitigations.optimizers import AdamAtan2, AdamWIndependentWD
+from stabilitylab.mitigations.qk_clip import QKClip, QKSlices, register_qk_clip
+from stabilitylab.mitigations.qk_layernorm import QKLayerNorm, apply_qk_layernorm, register_qk_layernorm
+from stabilitylab.mitigations.schedules import (
+    constant_with_warmup,
+    constant_with_warmup_factor,
+    warmup_cosine,
+    warmup_cosine_factor,
+    wsd,
+    wsd_factor,
+)
+from stabilitylab.mitigations.softcap import softcap
+from stabilitylab.mitigations.z_loss import add_z_loss, z_loss
+
+__all__ = ["BUNDLES", "AdamAtan2", "AdamWIndependentWD", "QKClip", "QKLayerNorm", "QKSlices", "add_z_loss",
+           "apply_qk_layernorm", "bundle", "bundles", "constant_with_warmup", "constant_with_warmup_factor",
+           "coord_check", "plot_coord_check", "register_qk_clip", "register_qk_layernorm", "softcap",
+           "warmup_cosine", "warmup_cosine_factor", "width_slopes", "wsd", "wsd_factor", "z_loss"]

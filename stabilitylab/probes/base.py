@@ -7,11 +7,18 @@ micro-batches here, across ranks in the Monitor) and moves everything to the hos
 Subclasses implement ``_attach`` / ``_detach`` (register hooks with ``self._hook(handle)``), record with
 ``record`` / ``record_many`` while ``self.armed`` is True, and may implement ``on_host`` for
 statistics that need the host-side history (e.g. loss-spike z-scores).
+
+A probe never breaks training: every hook registered through ``self._hook`` (and any callable wrapped
+with ``self.guard``) turns an exception raised inside the probe into one warning and a ``probe_error``
+event (``self.faults``, emitted by the Monitor on the next logged step) instead of propagating into the
+user's forward or backward pass.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -69,6 +76,7 @@ class Probe:
         self._handles: list[Any] = []
         self._blocks: dict[tuple[str, tuple[str, ...]], Block] = {}
         self._warned: set[str] = set()
+        self.faults: list[Event] = []
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -111,7 +119,30 @@ class Probe:
         pass
 
     def _hook(self, handle: Any) -> None:
+        """Keep ``handle`` for ``detach`` and guard the hook it registered (torch ``RemovableHandle``)."""
+        hooks = handle.hooks_dict_ref() if hasattr(handle, "hooks_dict_ref") else None
+        if hooks is not None and handle.id in hooks:
+            hooks[handle.id] = self.guard(hooks[handle.id])
         self._handles.append(handle)
+
+    def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` wrapped so that an exception inside it becomes ``self.fault(exc)`` and returns None."""
+        @functools.wraps(fn)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a probe must never break training
+                self.fault(e)
+                return None
+        return guarded
+
+    def fault(self, exc: BaseException) -> None:
+        """Record an exception raised inside this probe: one warning, one ``probe_error`` event."""
+        self.warn_once("fault", f"{type(exc).__name__}: {exc} (training continues; recorded as a "
+                                "'probe_error' event, further errors are recorded silently)")
+        if len(self.faults) < 100:  # drained every logged step; bounded if the hooks fail in between
+            self.faults.append(Event(self.run_id, -1, "probe_error", self.name,
+                                     message=f"{type(exc).__name__}: {exc}"))
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -3,7 +3,9 @@
 Metrics:
 
 - ``health.nonfinite``  module "loss": 1 if the loss is NaN/Inf; module "param": count of non-finite
-                        parameter elements after the step (module "grad" comes from the optimizer probe)
+                        parameter elements after the step (module "grad" comes from the optimizer probe);
+                        module "metrics": number of this step's other metric values (attention, logits,
+                        activations, norms ...) that are NaN/Inf, with an event naming them
 - ``health.spike``      on the host: z-score of the logged loss against a trailing window of earlier
                         logged losses (median / MAD, robust), recorded when above ``z_threshold`` (else 0);
                         an Event ``loss_spike`` is emitted too. Non-finite values emit an Event ``nonfinite``.
@@ -17,6 +19,7 @@ from collections import deque
 import numpy as np
 import torch
 
+from stabilitylab import distributed as D
 from stabilitylab import metrics as M
 from stabilitylab.probes.base import Event, Probe
 
@@ -41,14 +44,19 @@ class HealthProbe(Probe):
         self.z_threshold = z_threshold
         self.check_params = check_params
         self._losses: deque[float] = deque(maxlen=window)
+        self.spike_level: float | None = None
+        """Loss above which the last logged step was a spike (median + z_threshold * scale)."""
 
     def _attach(self) -> None:
         self._params = [p for p in self.model.parameters()]
+        # Whole-model count under DDP / FSDP2: each rank's local count / replication sums to the true count.
+        self._inv_rep = [1.0 / D.replication(p) for p in self._params]
 
     def _before_collect(self) -> None:
         if self.check_params and self._params:
             local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self._params]
-            cnt = torch.stack([(~torch.isfinite(p)).sum() for p in local]).sum().float()
+            counts = torch.stack([(~torch.isfinite(p)).sum() for p in local]).double()
+            cnt = (counts * torch.tensor(self._inv_rep, dtype=counts.dtype, device=counts.device)).sum()
             self.record(M.HEALTH_NONFINITE, "param", cnt, 1.0)
 
     def on_host(self, step: int, values: dict[tuple[str, str], float]):
@@ -58,6 +66,13 @@ class HealthProbe(Probe):
             if metric == M.HEALTH_NONFINITE and v and v > 0:
                 events.append(Event(self.run_id, step, "nonfinite", module, float(v),
                                     f"{int(v)} non-finite {module} values"))
+        bad = [f"{m}/{mod}" if mod else m for (m, mod), v in values.items()
+               if not math.isfinite(v) and m != M.LOSS and not m.startswith("health.")]
+        records.append((M.HEALTH_NONFINITE, "metrics", float(len(bad))))
+        if bad:
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            events.append(Event(self.run_id, step, "nonfinite", "metrics", float(len(bad)),
+                                f"{len(bad)} non-finite metric values: {', '.join(bad[:5])}{more}"))
         if loss is None:
             return records, events
         if not math.isfinite(loss):
@@ -72,6 +87,7 @@ class HealthProbe(Probe):
             mad = float(np.median(np.abs(base - med))) * 1.4826
             scale = max(mad, 1e-3 * max(abs(med), 1e-8))
             z = (loss - med) / scale
+            self.spike_level = med + self.z_threshold * scale
         spike = z if z > self.z_threshold else 0.0
         records.append((M.HEALTH_SPIKE, "", spike))
         if spike:

@@ -18,6 +18,11 @@ queue one end-of-backward callback), so a loop that clips before ``optimizer.ste
 unclipped values, gradient accumulation gives the accumulated gradient, and a closure-based
 ``optimizer.step(closure)`` (Lightning) is covered because its backward runs inside the step. Norms
 use ``torch._foreach_norm``: a handful of kernels for any number of tensors.
+
+Under DDP and FSDP2 (DTensor parameters, gradients and optimizer state) every statistic is computed on
+the local tensors (``to_local()``, never an all-gather) as partial sums that the Monitor sums over ranks:
+per-tensor RMS and ``update.ratio`` as (sum of squares, count / ||p||^2) pairs, whole-model sums scaled
+by ``1 / replication`` so each element counts once (see ``stabilitylab.distributed``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 
 import torch
 
+from stabilitylab import distributed as D
 from stabilitylab import metrics as M
 from stabilitylab.probes.base import Probe
 
@@ -37,10 +43,9 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     while id(opt) not in seen:
         seen.add(id(opt))
         inner = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
-        if isinstance(inner, torch.optim.Optimizer) and inner is not opt:
-            opt = inner
-            continue
-        break
+        if inner is None or inner is opt:
+            break
+        opt = inner
     if not isinstance(opt, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer: expected a torch.optim.Optimizer (or a wrapper around one), got {type(optimizer).__name__}")
@@ -84,6 +89,8 @@ class OptimizerProbe(Probe):
                 seen.add(id(p))
                 self._params.append(p)
                 self._names.append(names.get(id(p), f"group{gi}.param{pi}"))
+        self._inv_rep = [1.0 / D.replication(p) for p in self._params]
+        self._inv_world = 1.0 / D.rank_and_world()[1]
         self._hook(self.optimizer.register_step_pre_hook(self._pre_step))
         self._hook(self.optimizer.register_step_post_hook(self._post_step))
         self.arm(self.armed)
@@ -101,7 +108,8 @@ class OptimizerProbe(Probe):
             return
         if armed and not self._grad_hooks:
             self._grad_sq = None
-            self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+            on_grad = self.guard(self._on_grad)
+            self._grad_hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in self._params]
         elif not armed:
             self._disarm_grad_hooks()
 
@@ -113,7 +121,12 @@ class OptimizerProbe(Probe):
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self._queued:
             self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._capture_grads)
+            torch.autograd.Variable._execution_engine.queue_callback(self.guard(self._after_backward))
+
+    def _after_backward(self) -> None:
+        """Defer the capture once more: callbacks queued during backward (DDP's gradient averaging,
+        FSDP's reduce-scatter) run first, so the captured gradients are the final, synchronised ones."""
+        torch.autograd.Variable._execution_engine.queue_callback(self.guard(self._capture_grads))
 
     def _capture_grads(self) -> None:
         """End of a backward pass: norms of the (accumulated, unclipped) gradients. Last one wins."""
@@ -128,7 +141,8 @@ class OptimizerProbe(Probe):
         norms = torch._foreach_norm(grads)
         sq = torch.zeros(len(self._params), dtype=torch.float32, device=grads[0].device)
         sq[torch.tensor(idx, device=sq.device)] = torch.stack(norms).float().pow(2)
-        nonfinite = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()
+        inv_rep = torch.tensor([self._inv_rep[i] for i in idx], dtype=torch.float64, device=sq.device)
+        nonfinite = (torch.stack([(~torch.isfinite(g)).sum() for g in grads]).double() * inv_rep).sum()
         return sq, nonfinite
 
     # ------------------------------------------------------------------ step hooks
@@ -156,12 +170,13 @@ class OptimizerProbe(Probe):
         if self.per_tensor:
             self.record_many(M.PARAM_RMS, names, p_sq, numel)
             self.record_many(M.UPDATE_RMS, names, u_sq, numel)
-            self.record_many(M.UPDATE_RATIO, names, u_sq.sqrt() / before_norm, 1.0)
+            self.record_many(M.UPDATE_RATIO, names, u_sq, before_norm.pow(2))
         if self._grad_sq is not None:
             if self.per_tensor:
                 self.record_many(M.GRAD_RMS, names, self._grad_sq, numel)
-            self.record(M.GRAD_GLOBAL_NORM, "", self._grad_sq.sum(), 1.0)
-            self.record(M.HEALTH_NONFINITE, "grad", self._grad_nonfinite.float(), 1.0)
+            inv_rep = torch.tensor(self._inv_rep, dtype=torch.float64, device=dev)
+            self.record(M.GRAD_GLOBAL_NORM, "", (self._grad_sq.double() * inv_rep).sum(), self._inv_world)
+            self.record(M.HEALTH_NONFINITE, "grad", self._grad_nonfinite, 1.0)
         self._grad_sq = None
         self.record_value(M.LR, "", float(self.optimizer.param_groups[0]["lr"]))
         self._adam_stats()

@@ -17,7 +17,13 @@ from torch import nn
 
 from stabilitylab.adapters.generic import record_qk
 from stabilitylab.mitigations.qk_layernorm import QKLayerNorm
+from stabilitylab.mitigations.softcap import softcap
 from stabilitylab.mitigations.z_loss import z_loss
+
+
+def _real(v: object) -> bool:
+    """A finite int/float that is not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(kw_only=True)
@@ -56,20 +62,23 @@ class ProxyConfig:
     """Use fused SDPA (True) or the hand-written attention (False); both compute the same function."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "head_dim", "mlp_ratio"):
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "head_dim", "mlp_ratio", "mup_base_width"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"ProxyConfig({name}={v!r}): must be a positive int")
         if self.d_model % self.head_dim:
             raise ValueError(f"ProxyConfig: d_model={self.d_model} is not a multiple of head_dim={self.head_dim}")
-        if self.z_loss < 0:
-            raise ValueError(f"ProxyConfig(z_loss={self.z_loss}): must be >= 0")
+        for name in ("tie_embeddings", "qk_layernorm", "mup", "use_sdpa"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ProxyConfig({name}={getattr(self, name)!r}): must be True or False")
+        if not _real(self.z_loss) or self.z_loss < 0:
+            raise ValueError(f"ProxyConfig(z_loss={self.z_loss!r}): must be a finite number >= 0")
         if self.attn_scale not in ("sqrt", "linear"):
             raise ValueError(f"ProxyConfig(attn_scale={self.attn_scale!r}): use 'sqrt' or 'linear'")
         for name in ("logit_softcap", "attn_softcap"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"ProxyConfig({name}={v}): must be > 0 or None")
+            if v is not None and (not _real(v) or v <= 0):
+                raise ValueError(f"ProxyConfig({name}={v!r}): must be a finite number > 0 or None")
 
     @property
     def n_heads(self) -> int:
@@ -115,7 +124,7 @@ class CausalSelfAttention(nn.Module):
         T = q.size(-2)
         att = (q @ k.transpose(-2, -1)) * self.scale
         if self.cfg.attn_softcap is not None:
-            att = self.cfg.attn_softcap * torch.tanh(att / self.cfg.attn_softcap)
+            att = softcap(att, self.cfg.attn_softcap)
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         return att.masked_fill(~mask, float("-inf"))
 
@@ -190,7 +199,7 @@ class ProxyTransformer(nn.Module):
             x = block(x)
         logits = self.lm_head(self.ln_f(x)) * self.output_mult  # (B, T, vocab)
         if self.cfg.logit_softcap is not None:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+            logits = softcap(logits, self.cfg.logit_softcap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))

@@ -66,16 +66,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ProxyConfig(**self.model)
+        if not isinstance(self.model, ProxyConfig):
+            raise TypeError(f"TrainConfig(model={self.model!r}): pass a ProxyConfig (or a dict of its fields)")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig(lr={self.lr!r}): must be a positive finite number")
         for name in ("steps", "batch_size", "eval_batches", "check_every"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig({name}={v!r}): must be a positive int")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"TrainConfig(warmup_steps={self.warmup_steps!r}): must be an int >= 0")
-        if self.weight_decay < 0 or self.eps < 0:
-            raise ValueError("TrainConfig: weight_decay and eps must be >= 0")
+        for name in ("weight_decay", "eps", "min_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+                raise ValueError(f"TrainConfig({name}={v!r}): must be a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ValueError(f"TrainConfig({name}={v!r}): must be in [0, 1)")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and self.clip > 0):
+            raise ValueError(f"TrainConfig(clip={self.clip!r}): must be > 0, or None to turn clipping off")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig(optimizer={self.optimizer!r}): choose from {OPTIMIZERS}")
 

@@ -141,7 +141,8 @@ class _Guarded:
     def close(self) -> None:
         self.flush()
         self._call(self.sink.close)
-        if self.pending:
+        if self.pending or self.dropped:
             warnings.warn(
                 f"stabilitylab: sink {type(self.sink).__name__} could not write {len(self.pending)} "
-                "logged steps before closing; they remain in Monitor.history()", stacklevel=3)
+                f"logged steps before closing ({self.dropped} more were dropped beyond max_buffer="
+                f"{self.max_buffer}); they remain in Monitor.history() if keep_history", stacklevel=3)

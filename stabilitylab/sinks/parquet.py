@@ -15,11 +15,13 @@ import os
 import re
 import time
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
+from stabilitylab.metrics import RECORD_COLUMNS
 from stabilitylab.probes.base import Event
 from stabilitylab.sinks.base import Records, Sink, records_to_frame
 
@@ -82,10 +84,17 @@ class Parquet(Sink):
         self._event_part = len(list((self.path / "events").glob(f"part-{self._run}-*.parquet")))
 
     def write(self, records: Records) -> None:
+        """Buffer ``records``; write a part when due. If that write fails, ``records`` is not taken (the
+        exception propagates, the Monitor retries it later) and the earlier buffer is kept."""
         self._buf.append(records)
         self._rows += len(records)
         if self._rows >= self.flush_records or time.monotonic() - self._last >= self.flush_seconds:
-            self.flush()
+            try:
+                self.flush()
+            except Exception:
+                self._buf.pop()
+                self._rows -= len(records)
+                raise
 
     def write_events(self, events: Sequence[Event]) -> None:
         if not events:
@@ -118,7 +127,18 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
     """Read every history part under ``path`` (a Parquet sink directory) into one tidy DataFrame."""
     p = Path(path)
     d = p / "history" if (p / "history").is_dir() else p
-    parts = sorted(d.glob("part-*.parquet"))
-    if not parts:
+    frames = []
+    for f in sorted(d.glob("part-*.parquet")):
+        try:
+            df = pd.read_parquet(f)
+        except Exception as e:  # noqa: BLE001 - a corrupt part is reported and skipped, never fatal
+            warnings.warn(f"read_history: skipping unreadable part {f} ({type(e).__name__}: {e})", stacklevel=2)
+            continue
+        if not set(RECORD_COLUMNS) <= set(df.columns):
+            warnings.warn(f"read_history: skipping {f}: not a stabilitylab history part (columns "
+                          f"{list(df.columns)}, need {list(RECORD_COLUMNS)})", stacklevel=2)
+            continue
+        frames.append(df)
+    if not frames:
         return records_to_frame([])
-    return pd.concat([pd.read_parquet(f) for f in parts], ignore_index=True)
+    return pd.concat(frames, ignore_index=True)

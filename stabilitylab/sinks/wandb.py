@@ -1,0 +1,320 @@
+"""Weights & Biases sink: stability signals as a dashboard that stays readable for a 100-layer model.
+
+What lands in the run (``metric`` is a name from ``stabilitylab.metrics``, ``module`` a module name):
+
+- ``<metric>/<module>``   one series per module (``<metric>/model`` for whole-model values such as
+                          ``loss/model`` or ``grad.global_norm/model``); W&B groups them into one
+                          section per metric. Metrics with more than ``max_modules`` modules (per-tensor
+                          gradient RMS of a large model) skip these and keep only the summary.
+- ``<metric>/max``        one summary series per metric over its modules, folded as the metric declares
+                          (``METRICS[metric].summary``: ``max``, ``min`` or ``mean``; NaN ignored)
+- ``stabilitylab/step``   the training step: every series above uses it as its x-axis
+                          (``define_metric``), so the user's own ``wandb.log`` calls never clash with ours;
+                          the run summary keeps each series' peak (max or min, as declared) and last value
+- ``stabilitylab/events`` a table of health events and early warnings (step, kind, module, value,
+                          message); the first event of each kind is also sent as a W&B alert
+- run config ``stabilitylab``: the Monitor's settings (every, probes, run_id, n_params, and the sweep's
+                          grid point when the Monitor gets it as ``config``)
+
+The sink logs into ``run`` if given, else into the active ``wandb.run`` (yours, Hugging Face's or
+Lightning's ``WandbLogger``'s), else starts its own run (``wandb.init``) and finishes it on close.
+If W&B cannot start or log, the Monitor warns once and training goes on; the records stay in
+``Monitor.history()`` and the Parquet sink.
+
+``log_figures``, ``log_table`` and ``log_sweep_summary`` log figures and tables of a sweep.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stabilitylab import metrics as M
+from stabilitylab.probes.base import Event
+from stabilitylab.sinks.base import Records, Sink
+
+STEP_METRIC = "stabilitylab/step"
+EVENTS_KEY = "stabilitylab/events"
+WHOLE_MODEL = "model"
+_EVENT_COLUMNS = ["run_id", "step", "kind", "module", "value", "message"]
+_ALERT_LEVEL = {"nonfinite": "ERROR"}
+
+
+def wandb_key(metric: str, module: str) -> str:
+    """W&B key of one tidy record: ``"<metric>/<module>"``, ``"<metric>/model"`` for module ``""``."""
+    return f"{metric}/{module or WHOLE_MODEL}"
+
+
+def summary_key(metric: str) -> str:
+    """W&B key of a metric's summary series over its modules, e.g. ``"attn.max_logit/max"``."""
+    return f"{metric}/{M.spec(metric).summary}"
+
+
+def _fold(values: np.ndarray, how: str) -> float:
+    """max / min / mean over modules, ignoring NaN (NaN only when every value is NaN)."""
+    finite_or_inf = values[~np.isnan(values)]
+    if finite_or_inf.size == 0:
+        return math.nan
+    return float({"max": np.max, "min": np.min, "mean": np.mean}[how](finite_or_inf))
+
+
+def _require_wandb(caller: str) -> None:
+    if importlib.util.find_spec("wandb") is None:
+        raise ImportError(f"{caller} needs the wandb package: pip install wandb")
+
+
+class WandB(Sink):
+    """Stability signals to a Weights & Biases run.
+
+    Args:
+        project: W&B project of a run this sink starts (ignored when it reuses a run).
+        run: a ``wandb`` run to log into (default: the active ``wandb.run``, else a new run).
+        group: run group of a run this sink starts; give sweep runs the sweep's name so W&B's grouping
+            and parallel-coordinates views work.
+        name: display name of a run this sink starts (default: the Monitor's ``run_id``).
+        max_modules: log the per-module series of a metric only when it has at most this many modules
+            (None: always, 0: never); its summary series is always logged.
+        alerts: send the first event of each kind (``loss_spike``, ``nonfinite``, early warnings) as a
+            W&B alert.
+        **init_kwargs: passed to ``wandb.init`` when this sink starts the run (entity, tags, mode, dir, ...).
+    """
+
+    def __init__(self, project: str | None = None, run: Any = None, group: str | None = None,
+                 name: str | None = None, max_modules: int | None = 128, alerts: bool = True,
+                 **init_kwargs: Any):
+        _require_wandb("sinks.WandB")
+        if max_modules is not None and (isinstance(max_modules, bool) or not isinstance(max_modules, int)
+                                        or max_modules < 0):
+            raise ValueError(f"WandB(max_modules={max_modules!r}): pass an int >= 0 or None (no limit)")
+        if run is not None and not callable(getattr(run, "log", None)):
+            raise TypeError(f"WandB(run=...): expected a wandb run (wandb.init() / wandb.run), got "
+                            f"{type(run).__name__}")
+        self.project = project
+        self.run = run
+        self.group = group
+        self.name = name
+        self.max_modules = max_modules
+        self.alerts = alerts
+        self.init_kwargs = init_kwargs
+        self._run: Any = None
+        self._owned = False
+        self._failed = False
+        self._defined: set[str] = set()
+        self._events: list[dict[str, Any]] = []
+        self._events_logged = 0
+        self._alerted: set[str] = set()
+        self._warned_alert = False
+
+    # ------------------------------------------------------------------ run
+    def open(self, run_id: str, config: dict[str, Any]) -> None:
+        """Reuse ``run`` / ``wandb.run`` or start a run; record the Monitor's settings in its config."""
+        if self._run is not None:
+            return
+        import wandb
+
+        self._failed = True  # until the run is up: a failed start is reported once, then writes are no-ops
+        run = self.run if self.run is not None else wandb.run
+        settings = {"stabilitylab": _jsonable(config)}
+        if run is None:
+            run = wandb.init(project=self.project, group=self.group, name=self.name or run_id,
+                             config=settings, **self.init_kwargs)
+            self._owned = True
+        else:
+            run.config.update(settings, allow_val_change=True)
+            if self.group is not None and getattr(run, "group", None) != self.group:
+                warnings.warn(f"stabilitylab: WandB(group={self.group!r}) is ignored: logging into the "
+                              f"existing run {run.name!r}, whose group is set by whoever started it", stacklevel=2)
+        run.define_metric(STEP_METRIC, hidden=True)
+        self._run = run
+        self._failed = False
+
+    def _define(self, metric: str) -> None:
+        if metric in self._defined:
+            return
+        how = M.spec(metric).summary  # run summary: the peak (max or min) and the last value
+        self._run.define_metric(f"{metric}/*", step_metric=STEP_METRIC,
+                                summary=None if how == "mean" else f"{how},last")
+        self._defined.add(metric)
+
+    # ------------------------------------------------------------------ records
+    def row(self, records: Records) -> dict[str, float]:
+        """The W&B row of one logged step: per-module series, summary series and the step metric."""
+        by_metric: dict[str, list[tuple[str, float]]] = {}
+        for metric, module, value in zip(records.metric, records.module, np.asarray(records.value, float)):
+            by_metric.setdefault(metric, []).append((module, float(value)))
+        row: dict[str, float] = {STEP_METRIC: records.step}
+        for metric, pairs in by_metric.items():
+            named = [(m, v) for m, v in pairs if m]
+            if self.max_modules is None or len(named) <= self.max_modules:
+                row.update((wandb_key(metric, m), v) for m, v in named)
+            row.update((wandb_key(metric, m), v) for m, v in pairs if not m)
+            if named:
+                row[summary_key(metric)] = _fold(np.array([v for _, v in named]), M.spec(metric).summary)
+        return row
+
+    def write(self, records: Records) -> None:
+        if self._run is None:
+            if self._failed:
+                return
+            self.open(records.run_id, {"run_id": records.run_id})
+        for metric in dict.fromkeys(records.metric):
+            self._define(metric)
+        self._run.log(self.row(records))
+
+    def write_events(self, events: Sequence[Event]) -> None:
+        if self._run is None:
+            return
+        for e in events:
+            self._events.append({"run_id": e.run_id, "step": int(e.step), "kind": e.kind, "module": e.module,
+                                 "value": float(e.value), "message": e.message})
+            if self.alerts and e.kind not in self._alerted:
+                self._alerted.add(e.kind)
+                self._alert(e)
+
+    def _alert(self, e: Event) -> None:
+        where = f" in {e.module}" if e.module else ""
+        try:
+            self._run.alert(title=f"stabilitylab: {e.kind}"[:63],
+                            text=f"run {e.run_id}, step {e.step}{where}: {e.message}",
+                            level=_ALERT_LEVEL.get(e.kind, "WARN"))
+        except Exception as err:  # noqa: BLE001 - alerts are best effort; the events table still has it
+            if not self._warned_alert:
+                self._warned_alert = True
+                warnings.warn(f"stabilitylab: W&B alert failed ({type(err).__name__}: {err}); events still go "
+                              f"to the {EVENTS_KEY} table", stacklevel=3)
+
+    def flush(self) -> None:
+        """Log the events table when new events arrived since it was last logged."""
+        if self._run is None or len(self._events) == self._events_logged:
+            return
+        import wandb
+
+        frame = pd.DataFrame(self._events, columns=_EVENT_COLUMNS)
+        self._run.log({EVENTS_KEY: wandb.Table(dataframe=frame)})
+        self._events_logged = len(self._events)
+
+    def close(self) -> None:
+        """Log pending events; finish the run if this sink started it. Closing twice is a no-op."""
+        if self._run is None:
+            return
+        try:
+            self.flush()
+        finally:
+            run, self._run = self._run, None
+            self._failed = True  # closed: later writes are no-ops
+            if self._owned:
+                run.finish()
+
+
+def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Config values W&B can store: numbers, strings, bools, None, lists and dicts of them; else str()."""
+    def conv(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, np.generic):
+            return v.item()
+        if isinstance(v, Mapping):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return str(v)
+
+    return conv(dict(config))
+
+
+# ---------------------------------------------------------------------- sweep helpers
+def _target_run(run: Any, init: Mapping[str, Any]) -> tuple[Any, bool]:
+    """(run, owned): ``run``, else the active ``wandb.run``, else a new run started with ``init``."""
+    import wandb
+
+    if run is not None:
+        return run, False
+    if wandb.run is not None:
+        return wandb.run, False
+    return wandb.init(**{k: v for k, v in init.items() if v is not None}), True
+
+
+def log_figures(figures: Mapping[str, Any], run: Any = None, prefix: str = "stabilitylab/figures") -> list[str]:
+    """Log figures as images under ``<prefix>/<name>``.
+
+    Args:
+        figures: name -> matplotlib ``Figure`` or path of an image file (PNG, JPEG).
+        run: the W&B run (default: the active ``wandb.run``; one must exist).
+        prefix: key prefix; W&B shows one media panel per key.
+
+    Returns:
+        the keys logged.
+    """
+    _require_wandb("log_figures")
+    import wandb
+
+    run = run if run is not None else wandb.run
+    if run is None:
+        raise ValueError("log_figures(run=None): no active W&B run; pass run=wandb.init(...) or start one first")
+    images = {}
+    for name, fig in figures.items():
+        if isinstance(fig, (str, os.PathLike)) and not os.path.isfile(fig):
+            raise ValueError(f"log_figures(figures={{{name!r}: {str(fig)!r}}}): no such image file")
+        images[f"{prefix}/{name}"] = wandb.Image(os.fspath(fig) if isinstance(fig, os.PathLike) else fig)
+    run.log(images)
+    return list(images)
+
+
+def log_table(df: pd.DataFrame, key: str, run: Any = None) -> None:
+    """Log a DataFrame as a ``wandb.Table`` under ``key`` (default run: the active ``wandb.run``)."""
+    _require_wandb("log_table")
+    import wandb
+
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"log_table(df=...): expected a pandas DataFrame, got {type(df).__name__}")
+    run = run if run is not None else wandb.run
+    if run is None:
+        raise ValueError("log_table(run=None): no active W&B run; pass run=wandb.init(...) or start one first")
+    run.log({key: wandb.Table(dataframe=df.reset_index(drop=True))})
+
+
+def log_sweep_summary(runs: pd.DataFrame, figures: Mapping[str, Any] | None = None, run: Any = None, *,
+                      by: Sequence[str] | None = None, project: str | None = None, group: str | None = None,
+                      name: str | None = None) -> dict[str, Any]:
+    """Log a finished sweep: the runs table, the LR-sensitivity table and the standard figures.
+
+    Keys: ``sweep/runs`` (one row per run), ``sweep/lr_sensitivity`` (``analysis.lr_sensitivity(runs,
+    by=by)``: mean over the LR grid of ``min(L(lr), L0) - L*``, in nats) and
+    ``sweep/figures/<name>`` (images).
+
+    Args:
+        runs: the sweep's runs table (``lr``, ``final_loss``, ``init_loss`` and grouping columns).
+        figures: name -> matplotlib ``Figure`` or image path (e.g. from ``stabilitylab.plots``).
+        run: the W&B run to log into (default: the active ``wandb.run``, else a new run of job type
+            ``sweep-summary`` in ``project`` / ``group``, finished before returning).
+        by: grouping columns of the LR sensitivity (default: ``size``, ``n_params``, ``variant`` present).
+        project, group, name: of the run started when there is none.
+
+    Returns:
+        ``{"lr_sensitivity": DataFrame, "keys": [logged keys]}``.
+    """
+    _require_wandb("log_sweep_summary")
+    from stabilitylab.analysis import lr_sensitivity
+
+    if not isinstance(runs, pd.DataFrame) or runs.empty:
+        raise ValueError("log_sweep_summary(runs=...): pass the sweep's non-empty runs DataFrame")
+    sens = lr_sensitivity(runs, by=by)
+    target, owned = _target_run(run, {"project": project, "group": group, "name": name or (
+        f"{group}-summary" if group else None), "job_type": "sweep-summary"})
+    try:
+        log_table(runs, "sweep/runs", target)
+        log_table(sens, "sweep/lr_sensitivity", target)
+        keys = ["sweep/runs", "sweep/lr_sensitivity"]
+        if figures:
+            keys += log_figures(figures, target, prefix="sweep/figures")
+    finally:
+        if owned:
+            target.finish()
+    return {"lr_sensitivity": sens, "keys": keys}

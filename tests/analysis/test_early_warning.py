@@ -1,0 +1,127 @@
+"""Early-warning detectors vs hand computations; fires before divergence, stays quiet on stable noise."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stabilitylab import Monitor
+from stabilitylab.analysis import EarlyWarning, divergence_step, evaluate_warnings
+from stabilitylab.analysis.early_warning import mann_kendall, robust_z
+
+
+def _mk_reference(y):
+    n = len(y)
+    s = sum(np.sign(y[j] - y[i]) for i, j in itertools.combinations(range(n), 2))
+    counts = pd.Series(y).value_counts().to_numpy()
+    var = (n * (n - 1) * (2 * n + 5) - sum(t * (t - 1) * (2 * t + 5) for t in counts)) / 18
+    return 0.0 if s == 0 else (s - np.sign(s)) / math.sqrt(var)
+
+
+def test_mann_kendall_matches_reference_including_ties():
+    assert mann_kendall([1, 2, 3, 4, 5]) == pytest.approx(9 / math.sqrt(5 * 4 * 15 / 18))
+    assert mann_kendall([1, 1, 2]) == pytest.approx(1 / math.sqrt((66 - 18) / 18))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 5, size=12).astype(float)
+        assert mann_kendall(y) == pytest.approx(_mk_reference(y))
+
+
+def test_robust_z_uses_median_and_mad_of_baseline_only():
+    assert robust_z([1, 2, 3, 4, 100], 10.0) == pytest.approx(7 / 1.4826)
+    assert robust_z([5, 5, 5], 6.0, floor=0.5) == pytest.approx(2.0)
+
+
+def test_divergence_step_nonfinite_or_tenfold_running_min():
+    loss = pd.Series([5.0, 3.0, 2.0, 19.0, 21.0, 1.0], index=[0, 10, 20, 30, 40, 50])
+    assert divergence_step(loss) == 40
+    assert divergence_step(pd.Series([5.0, np.nan], index=[0, 10])) == 10
+    assert np.isnan(divergence_step(pd.Series([5.0, 4.0], index=[0, 10])))
+
+
+def _history(run_id, n, every=10, blow_at=None, seed=0):
+    """Synthetic logged signals: AR(1) noise in log space; from blow_at, block 1's attention logit grows
+    8% per logged step, 5 logged steps later the grad norm grows too, and the loss explodes 30 logged
+    steps after the onset."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    noise = {}
+    for t in range(n):
+        step = t * every
+        for key in ("a0", "a1", "g", "k0", "k1", "loss", "lse"):
+            noise[key] = 0.5 * noise.get(key, 0.0) + rng.normal(0, 0.05)
+        grow = max(0, t - blow_at) if blow_at is not None else 0
+        a1 = 8 * math.exp(noise["a1"] + 0.08 * grow)
+        loss = 3 * math.exp(noise["loss"]) * (1 + (math.exp(0.3 * (grow - 30)) if grow > 30 else 0))
+        rows += [(run_id, step, "attn.max_logit", "blocks.0.attn", 8 * math.exp(noise["a0"])),
+                 (run_id, step, "attn.max_logit", "blocks.1.attn", a1),
+                 (run_id, step, "grad.global_norm", "", 0.5 * math.exp(noise["g"] + 0.08 * max(0, grow - 5))),
+                 (run_id, step, "act.kurtosis", "blocks.0", 3 * math.exp(noise["k0"])),
+                 (run_id, step, "act.kurtosis", "blocks.1", 3 * math.exp(noise["k1"])),
+                 (run_id, step, "logits.lse_mean", "", 5 + noise["lse"]),
+                 (run_id, step, "loss", "", loss)]
+    return pd.DataFrame(rows, columns=["run_id", "step", "metric", "module", "value"])
+
+
+def test_fires_before_divergence_and_names_the_drifting_module():
+    h = _history("div", 200, blow_at=100)
+    dstep = divergence_step(h[h.metric == "loss"].set_index("step")["value"])
+    events = EarlyWarning().replay(h[h.step < dstep])
+    assert events, "no warning before divergence"
+    first = events[0]
+    assert first.kind == "early_warning" and first.module == "blocks.1.attn"
+    assert first.extra["metric"] == "attn.max_logit"
+    assert 100 * 10 < first.step < dstep - 50
+
+
+def test_quiet_on_long_stable_noisy_series_and_evaluate_summary():
+    hist = [_history(f"s{i}", 2000, seed=i) for i in range(4)] + [_history("d", 200, blow_at=100, seed=9)]
+    history = pd.concat(hist, ignore_index=True)
+    runs = pd.DataFrame({"run_id": [f"s{i}" for i in range(4)] + ["d"], "lr": 1e-2, "final_loss": 3.0,
+                         "init_loss": 5.5, "diverged": [False] * 4 + [True]})
+    per_run, summary = evaluate_warnings(runs, history)
+    assert summary["n_diverged"] == 1 and summary["n_warned_in_time"] == 1
+    assert summary["median_lead_steps"] >= 50
+    assert summary["false_alarm_step_rate"] < 5e-4
+    d = per_run.set_index("run_id").loc["d"]
+    assert d["lead_steps"] == d["diverge_step"] - d["first_warning"]
+
+
+def test_monitor_integration_emits_event_warning_callback_and_snapshot(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    got = []
+    ew = EarlyWarning(watch={"loss": "log"}, min_metrics=1, warmup=5, window=6, snapshot_dir=tmp_path, snapshot_steps=7,
+                      callback=got.append)
+    mon = Monitor(model, probes=[ew], every=1, run_id="r1")
+    rng = np.random.default_rng(0)
+    with pytest.warns(RuntimeWarning, match="early warning"):
+        for t in range(40):
+            ew.note_batch(np.arange(t, t + 3))
+            mon.step(2.0 * math.exp(rng.normal(0, 0.01) + (0.3 * (t - 25) if t > 25 else 0)))
+    mon.close()
+    assert got and got[0].step > 25 and [e for e in mon.events if e.kind == "early_warning"] == got
+    snap = tmp_path / "r1" / f"step_{got[0].step:09d}"
+    sig = pd.read_parquet(snap / "signals.parquet")
+    assert sorted(sig["step"].unique()) == list(range(got[0].step - 6, got[0].step + 1))
+    meta = json.loads((snap / "event.json").read_text())
+    assert meta["batch_indices"] == list(range(got[0].step, got[0].step + 3)) and meta["step"] == got[0].step
+    rng_state = torch.load(snap / "rng.pt", weights_only=False)
+    assert set(rng_state) >= {"torch", "numpy", "python"}
+    assert len(list(tmp_path.rglob("event.json"))) == 1  # max_snapshots=1
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="votes"):
+        EarlyWarning(votes=4)
+    with pytest.raises(ValueError, match="watch"):
+        EarlyWarning(watch={"loss": "sqrt"})
+    with pytest.raises(ValueError, match="min_metrics"):
+        EarlyWarning(watch={"loss": "log"})
+    with pytest.raises(TypeError, match="callback"):
+        EarlyWarning(callback=3)
