@@ -31,9 +31,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _proxy(device: str, dtype: torch.dtype):
-    cfg = sl.proxy.preset("s", seq_len=64) if device == "cpu" else sl.proxy.preset("xxl", seq_len=1024)
+    cfg = sl.proxy.preset("xs", seq_len=64) if device == "cpu" else sl.proxy.preset("xxl", seq_len=1024)
     model = sl.ProxyTransformer(cfg).to(device)
-    B = 8 if device == "cpu" else 16
+    B = 4 if device == "cpu" else 16
 
     def batch():
         return torch.randint(0, cfg.vocab_size, (B, cfg.seq_len), device=device)
@@ -50,8 +50,8 @@ def _gpt2(device: str, dtype: torch.dtype):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if device == "cpu":
-        shape = dict(n_embd=128, n_layer=4, n_head=4, vocab_size=2048, n_positions=128)
-        B, T = 4, 128
+        shape = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=64)
+        B, T = 4, 64
     else:  # GPT-2 small
         shape = dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
         B, T = 16, 1024

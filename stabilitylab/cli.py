@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "stabilitylab.demo",
     "stabilitylab.sweeps.cli",
     "stabilitylab.analysis.cli",
+    "stabilitylab.reproduce",
 ]
 
 

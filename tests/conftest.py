@@ -152,3 +152,27 @@ def wandb_offline(tmp_path, monkeypatch):
     if wandb.run is not None:  # a test that failed mid-run must not leak its run into the next test
         wandb.run.finish()
     wandb.teardown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep_store(tmp_path_factory):
+    """A tiny real sweep: 3 proxy widths x 2 LRs, 12 steps, monitored every 2 steps, written as
+    runs.parquet + history.parquet (what `stabilitylab demo` writes). Returns the folder."""
+    import pandas as pd
+
+    from stabilitylab.proxy import ProxyConfig, TrainConfig, train_one
+
+    out = tmp_path_factory.mktemp("tiny_sweep")
+    rows, hist = [], []
+    for size, d in (("a", 16), ("b", 24), ("c", 32)):
+        for lr in (1e-2, 3.0):
+            cfg = TrainConfig(model=ProxyConfig(d_model=d, n_layers=1, head_dim=8, seq_len=16), lr=lr, steps=12,
+                              batch_size=4, warmup_steps=2, eval_batches=2, check_every=1)
+            rid = f"{size}-{lr:g}"
+            r = train_one(cfg, monitor={"every": 2, "run_id": rid})
+            rows.append({"run_id": rid, "size": size, "lr": lr, "variant": "baseline", "seed": 0, "steps": 12,
+                         **r.to_row()})
+            hist.append(r.history)
+    pd.DataFrame(rows).to_parquet(out / "runs.parquet", index=False)
+    pd.concat(hist, ignore_index=True).to_parquet(out / "history.parquet", index=False)
+    return out

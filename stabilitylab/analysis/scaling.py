@@ -80,9 +80,11 @@ class ScalingFit:
     def solve(self, y_target: float, x_range: tuple[float, float] | None = None) -> dict:
         """The x at which the trend reaches ``y_target``, with a bootstrap interval.
 
-        Searches ``log10 x`` on ``x_range`` (default: from the smallest fitted x to 10^6 times the
-        largest) for the first crossing in the direction the trend moves. Replicates that never cross
-        count as beyond the range (``inf``), so an interval end may be ``inf``.
+        Searches ``log10 x`` on ``x_range`` (default: 10^-3 times the smallest fitted x to 10^6 times the
+        largest) for the first crossing in the direction the fitted trend moves over the data (up for a
+        growing signal, down for a shrinking one). A curve already past the target at the start of the
+        range gives the range start; one that never crosses gives ``inf`` (so an interval end may be
+        ``inf``).
 
         Returns:
             ``{"x": estimate, "lo": ..., "hi": ..., "p_cross": share of replicates that cross}``.
@@ -90,7 +92,7 @@ class ScalingFit:
         if self.log_y and not y_target > 0:
             raise ValueError(f"solve(y_target={y_target!r}): a power-law fit needs a positive target")
         t = np.log10(y_target) if self.log_y else float(y_target)
-        lo_x, hi_x = x_range if x_range is not None else (self.x.min(), self.x.max() * 1e6)
+        lo_x, hi_x = x_range if x_range is not None else (self.x.min() * 1e-3, self.x.max() * 1e6)
         grid = np.linspace(np.log10(lo_x), np.log10(hi_x), 2001)
         coefs = np.vstack([self.coef[None, :], self.boot])
         v = coefs @ np.vander(grid, self.degree + 1).T - t  # (1 + n_boot, grid)
@@ -101,7 +103,9 @@ class ScalingFit:
         x0, x1, v0, v1 = grid[i - 1], grid[i], v[rows, i - 1], v[rows, i]
         with np.errstate(divide="ignore", invalid="ignore"):
             xs = np.where(has, 10 ** (x0 - v0 * (x1 - x0) / (v1 - v0)), np.inf)
-        xs[v[:, 0] == 0] = 10 ** grid[0]
+        lx = np.log10(self.x)
+        rising = np.polyval(self.coef, lx.max()) >= np.polyval(self.coef, lx.min())
+        xs[(v[:, 0] >= 0) if rising else (v[:, 0] <= 0)] = 10 ** grid[0]
         est = float(xs[0])
         if not self.boot.size:
             return {"x": est, "lo": float("nan"), "hi": float("nan"), "p_cross": float("nan")}

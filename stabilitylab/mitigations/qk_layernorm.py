@@ -3,16 +3,12 @@
 ``QKLayerNorm`` is the building block; ``apply_qk_layernorm(model)`` adds it to an existing model by
 module surgery, through a registry of attention-module types (``register_qk_layernorm`` adds your own):
 
-==========================================  ===========================================================
-module type                                 surgery
-==========================================  ===========================================================
-proxy ``CausalSelfAttention``               sets its ``q_norm`` / ``k_norm`` (what ``qk_layernorm=True`` builds)
-HF ``GPT2Attention`` (self-attention)       ``q_norm`` / ``k_norm`` children; a forward hook on the fused
-                                            ``c_attn`` normalises the q and k thirds of its output
-HF ``LlamaAttention``, ``MistralAttention``,  ``q_norm`` / ``k_norm`` children; forward hooks on ``q_proj`` /
-``Qwen2Attention``                          ``k_proj`` normalise each head **before RoPE** (as Qwen3 and
-                                            OLMo-2 do; RoPE is a rotation, so the logit bound still holds)
-==========================================  ===========================================================
+- proxy ``CausalSelfAttention``: sets its ``q_norm`` / ``k_norm`` (what ``qk_layernorm=True`` builds).
+- Hugging Face ``GPT2Attention`` (self-attention): ``q_norm`` / ``k_norm`` children; a forward hook on
+  the fused ``c_attn`` normalises the q and k thirds of its output.
+- Hugging Face ``LlamaAttention``, ``MistralAttention``, ``Qwen2Attention``: ``q_norm`` / ``k_norm``
+  children; forward hooks on ``q_proj`` / ``k_proj`` normalise each head **before RoPE**, as Qwen3 and
+  OLMo-2 do (RoPE rotates pairs of features, so ``|q . k| <= |q| |k|`` and the logit bound still holds).
 
 The surgery adds parameters (``<attn>.q_norm.norm.weight`` and ``<attn>.k_norm.norm.weight``, gains
 initialised to 1) and changes no existing parameter or state-dict key; the model computes exactly

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from collections.abc import Callable, Iterator
@@ -104,25 +103,21 @@ def run_ray(points: list[Point], train_fn: TrainFn | None, workers: int | None, 
 def run_vectorized(points: list[Point], train_fn: TrainFn | None, workers: int | None, address: str | None,
                    run_progress: bool) -> Iterator[Outcome]:
     """``stabilitylab.proxy.vectorized.train_many`` on each group of points with the same model config."""
-    try:
-        from stabilitylab.proxy.vectorized import train_many
-    except ModuleNotFoundError as e:
-        if e.name not in ("stabilitylab.proxy.vectorized",):
-            raise
-        raise ValueError("sweep(executor='vectorized') needs stabilitylab.proxy.vectorized.train_many, which "
-                         "this install does not have; use executor='local', 'processes' or 'ray'") from None
+    from stabilitylab.proxy.vectorized import group_compatible, train_many
+
     if train_fn is not None:
         raise ValueError("sweep(executor='vectorized') trains the built-in proxy only; drop train_fn or use "
                          "executor='local', 'processes' or 'ray'")
-    groups: dict[str, list[Point]] = {}
-    for p in points:
-        groups.setdefault(json.dumps(p.config.model.to_dict(), sort_keys=True), []).append(p)
-    for group in groups.values():
+    adam = [p for p in points if p.config.optimizer != "adamw"]
+    for p in adam:  # train_many implements AdamW only: run the others one at a time
+        yield from run_local([p], None, workers, address, run_progress)
+    points = [p for p in points if p.config.optimizer == "adamw"]
+    for idx in group_compatible([p.config for p in points]):
+        group = [points[i] for i in idx]
         try:
-            results = train_many([p.config for p in group], monitor_every=group[0].every, progress=run_progress)
-            if len(results) != len(group):
-                raise RuntimeError(f"train_many returned {len(results)} results for {len(group)} configs")
-        except Exception as e:
+            results = train_many([p.config for p in group], monitor_every=group[0].every, progress=run_progress,
+                                 run_ids=[p.run_id for p in group])
+        except Exception as e:  # noqa: BLE001 - a failing group is recorded, the sweep goes on
             for p in group:
                 yield p, failed_row(p, f"{type(e).__name__}: {e}"), None
             continue

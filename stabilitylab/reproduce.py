@@ -1,0 +1,607 @@
+"""``stabilitylab reproduce``: the main findings of Wortsman et al. (2023) on the proxy, with one command.
+
+    stabilitylab reproduce --scale quick            # CPU, minutes: tiny sizes, a few hundred steps
+    stabilitylab reproduce --scale full             # one GPU: ~0.7M .. 25M parameters, 1000 steps
+
+Five studies (shared/reference/papers.md section 1), each a resumable sweep store under ``--out``:
+
+1. ``attention``: LR sensitivity and peak max attention logit per size and LR, without / with qk-layernorm.
+2. ``output_logits``: weight decay 0, without / with z-loss 1e-4: drift of ``logits.lse_mean`` (log Z)
+   and divergence.
+3. ``interventions``: long warm-up, independent weight decay, simple muP and all mitigations combined
+   vs the baseline: LR sensitivity per size.
+4. ``adam_eps``: global gradient RMS vs size (from study 1's baseline runs) and its extrapolation to
+   Adam's eps; eps 1e-8 vs 1e-15 vs Adam-atan2 at the largest size.
+5. ``prediction``: ``analysis.predict_instability(holdout="largest")`` on study 1: fit on the smaller
+   sizes, predict the largest one, compare with its real runs (hit or miss with the interval).
+
+A point's run id depends only on its size, variant and config, so a run that two studies share (e.g.
+the baseline grid of studies 1 and 3) is trained once and copied into the other store, and re-running
+skips every finished run. Outputs: ``report.html`` (self-contained), ``report.md``, the figures
+(``*.png``), ``findings.parquet`` / ``findings.md`` and one parquet file per table under ``tables/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import importlib.util
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stabilitylab import metrics as M
+
+STUDIES = ("attention", "output_logits", "interventions", "adam_eps", "prediction")
+#: Studies that train runs (the others analyse study 1's store).
+_TRAINING = ("attention", "output_logits", "interventions", "adam_eps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scale:
+    """Sizes, learning rates and run length of a reproduction."""
+
+    name: str
+    """Label (the default output folder is ``runs/reproduce_<name>``)."""
+    sizes: tuple
+    """``SweepSpec`` sizes (preset names or dicts), smallest first; at least 3 (4 give prediction intervals)."""
+    lrs: tuple[float, ...]
+    """Peak learning-rate grid."""
+    steps: int
+    """Optimizer steps per run."""
+    batch_size: int
+    """Sequences per step."""
+    seq_len: int
+    """Tokens per sequence."""
+    every: int = 10
+    """Monitor logging interval in steps."""
+    long_warmup: float = 0.4
+    """Warm-up of the ``long_warmup`` variant as a fraction of ``steps`` (the baseline warms up for 10%)."""
+    high_lr: float = 1e-2
+    """LRs at or above this count as "high" in the findings."""
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) < 3:
+            raise ValueError(f"Scale(sizes={self.sizes!r}): need >= 3 sizes (2 to fit a trend, 1 to predict)")
+        if len(self.lrs) < 2 or any(not (isinstance(v, float) and v > 0) for v in self.lrs):
+            raise ValueError(f"Scale(lrs={self.lrs!r}): need >= 2 positive float learning rates")
+        if not 0 < self.long_warmup < 1:
+            raise ValueError(f"Scale(long_warmup={self.long_warmup!r}): must be a fraction in (0, 1)")
+
+
+_LRS = tuple(float(v) for v in np.geomspace(1e-3, 3e-1, 6))
+SCALES: dict[str, Scale] = {
+    "quick": Scale(name="quick", sizes=({"name": "xxxs", "d_model": 16, "n_layers": 1, "head_dim": 8},
+                                        "xxs", "xs", "s"),
+                   lrs=_LRS, steps=200, batch_size=8, seq_len=32),
+    "full": Scale(name="full", sizes=("s", "m", "l", "xl"), lrs=tuple(float(v) for v in np.geomspace(1e-3, 3e-1, 7)),
+                  steps=1000, batch_size=32, seq_len=64),
+}
+
+
+@dataclass
+class Reproduction:
+    """What ``reproduce`` measured: the findings, every table, the timings and where it wrote them."""
+
+    findings: pd.DataFrame
+    tables: dict[str, pd.DataFrame]
+    timings: dict[str, float]
+    counts: dict[str, dict[str, int]]
+    out: Path
+    report_html: Path | None = None
+    report_md: Path | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- specs
+def study_specs(scale: Scale, device: str = "cpu") -> dict[str, list]:
+    """The sweeps of each training study: one ``SweepSpec`` per variant (so each can pick its executor).
+
+    Args:
+        scale: sizes, LRs and run length.
+        device: torch device of every run.
+
+    Returns:
+        ``{study: [SweepSpec, ...]}`` for the studies in ``_TRAINING``.
+    """
+    from stabilitylab.sweeps import SweepSpec
+
+    common = dict(lrs=list(scale.lrs), steps=scale.steps, batch_size=scale.batch_size, seq_len=scale.seq_len,
+                  every=scale.every, device=device)
+    long = {"name": "long_warmup", "bundle": "baseline", "warmup_steps": max(1, int(scale.long_warmup * scale.steps))}
+
+    def specs(study: str, variants: list, sizes: Sequence = scale.sizes, **kw: Any) -> list:
+        return [SweepSpec(name=f"{study}-{v if isinstance(v, str) else v['name']}", sizes=list(sizes),
+                          variants=[v], **common, **kw) for v in variants]
+
+    return {
+        "attention": specs("attention", ["baseline", "qk_layernorm"]),
+        "output_logits": specs("output_logits", ["baseline", "z_loss"], weight_decay=0.0),
+        "interventions": specs("interventions", ["baseline", long, "indep_wd", "mup", "all"]),
+        "adam_eps": specs("adam_eps", ["baseline", "eps1e-15", "adam_atan2"], sizes=scale.sizes[-1:]),
+    }
+
+
+def default_executor() -> str:
+    """``"vectorized"`` when ``stabilitylab.proxy.vectorized.train_many`` is importable, else ``"local"``."""
+    try:
+        found = importlib.util.find_spec("stabilitylab.proxy.vectorized") is not None
+    except ImportError:
+        found = False
+    if found:
+        from stabilitylab.proxy import vectorized
+
+        found = hasattr(vectorized, "train_many")
+    return "vectorized" if found else "local"
+
+
+def _executor_for(spec, executor: str) -> str:
+    """``vectorized`` trains AdamW only; other optimizers (Adam-atan2) fall back to ``local``."""
+    if executor == "vectorized" and any(p.config.optimizer != "adamw" for p in spec.points()):
+        return "local"
+    return executor
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _import_shared(store, spec, others: list[Path]) -> int:
+    """Copy finished runs of ``spec`` that another study's store already holds (same run id); returns the count."""
+    from stabilitylab.sweeps.store import FINISHED, SweepStore
+
+    have = store.rows()
+    todo = {p.run_id for p in spec.points() if have.get(p.run_id, {}).get("status") not in FINISHED}
+    n = 0
+    for path in others:
+        if not todo or not (path / "runs").is_dir():
+            continue
+        src = SweepStore(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # foreign or partial files there are that store's business
+            rows = {k: r for k, r in src.rows().items() if k in todo and r["status"] in FINISHED}
+        for rid, row in rows.items():
+            hist = src.history([rid])
+            store.write(row, hist if len(hist) else None)
+            todo.discard(rid)
+            n += 1
+    return n
+
+
+def run_study(study: str, specs: list, out: Path, executor: str, workers: int | None = None,
+              progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """Train (or resume, or copy from sibling studies) every point of ``specs`` into ``out/<study>``.
+
+    Returns:
+        ``(runs, history, counts)``: this study's finished runs and their history, and how many points
+        were ``trained``, ``reused`` (copied from another study's store) and ``resumed`` (already there).
+    """
+    from stabilitylab.sweeps import load_sweep, sweep
+    from stabilitylab.sweeps.run import _trainer_name
+    from stabilitylab.sweeps.store import FINISHED, SweepStore
+
+    path = out / study
+    others = sorted(p for p in out.iterdir() if p.is_dir() and p != path and (p / "spec.json").exists())
+    counts = {"trained": 0, "reused": 0, "resumed": 0, "failed": 0}
+    ids: list[str] = []
+    for spec in specs:
+        store = SweepStore(path)
+        store.open(spec, _trainer_name(None), extend=True)
+        counts["reused"] += _import_shared(store, spec, others)
+        rows = store.rows()
+        done = sum(rows.get(p.run_id, {}).get("status") in FINISHED for p in spec.points())
+        ex = _executor_for(spec, executor)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"sweep .* runs failed")
+            runs = sweep(spec, executor=ex, store=path, workers=workers, extend=True, progress=progress)
+            if ex != "local" and (runs["status"] == "failed").any():
+                print(f"reproduce {study}: {int((runs['status'] == 'failed').sum())} run(s) failed under "
+                      f"executor {ex!r} (first error: {runs.loc[runs['status'] == 'failed', 'error'].iloc[0][-200:]!r});"
+                      " retrying them with executor 'local'")
+                runs = sweep(spec, executor="local", store=path, extend=True, progress=progress)
+        counts["trained"] += len(spec) - done
+        counts["failed"] += int((runs["status"] == "failed").sum())
+        ids += list(runs["run_id"])
+    counts["resumed"] = len(ids) - counts["trained"] - counts["reused"]
+    runs, history = load_sweep(path)
+    runs = runs[runs["run_id"].isin(ids) & (runs["status"] != "failed")].reset_index(drop=True)
+    history = history[history["run_id"].isin(runs["run_id"])].reset_index(drop=True)
+    return runs, history, counts
+
+
+# ---------------------------------------------------------------------------------------------- per-run numbers
+def run_summary(runs: pd.DataFrame, history: pd.DataFrame, late_frac: float = 0.25) -> pd.DataFrame:
+    """One row per run: labels, outcome and the monitored numbers the findings use.
+
+    Columns added to ``run_id, size, n_params, variant, lr, final_loss, init_loss, diverged``:
+
+    - ``peak_attn_logit``: max over layers and logged steps of ``attn.max_logit`` (finite values);
+    - ``lse_initial`` / ``lse_final``: first / last finite logged ``logits.lse_mean`` (nats);
+      ``lse_drift = lse_final - lse_initial``; ``lse_max_abs`` = max over logged steps of ``|lse_mean|``;
+    - ``grad_rms``: global gradient RMS ``grad.global_norm / sqrt(n_params)`` (before clipping), median
+      over the last ``late_frac`` of the logged steps.
+    """
+    cols = ["run_id", "size", "n_params", "variant", "lr", "final_loss", "init_loss", "diverged"]
+    out = runs[cols].copy().set_index("run_id")
+    h = history[np.isfinite(history["value"].astype(float))]
+    attn = h[h["metric"] == M.ATTN_MAX_LOGIT].groupby("run_id")["value"].max()
+    lse = h[h["metric"] == M.LOGITS_LSE_MEAN].groupby(["run_id", "step"])["value"].mean().sort_index()
+    g = lse.groupby(level="run_id")
+    gn = h[h["metric"] == M.GRAD_GLOBAL_NORM].groupby(["run_id", "step"])["value"].max().sort_index()
+    late = gn.groupby(level="run_id").apply(lambda s: s.iloc[-max(1, math.ceil(len(s) * late_frac)):].median())
+    out["peak_attn_logit"] = attn
+    out["lse_initial"], out["lse_final"] = g.first(), g.last()
+    out["lse_drift"] = out["lse_final"] - out["lse_initial"]
+    out["lse_max_abs"] = lse.abs().groupby(level="run_id").max()
+    out["grad_rms"] = late / np.sqrt(out["n_params"].astype(float))
+    return out.reset_index()
+
+
+def _pivot(summary: pd.DataFrame, value: str) -> pd.DataFrame:
+    """``value`` per (variant, size) row and LR column, sizes in parameter order."""
+    p = summary.pivot_table(index=["variant", "n_params", "size"], columns="lr", values=value, aggfunc="median")
+    p.columns = [f"lr={c:.3g}" for c in p.columns]
+    return p.reset_index().drop(columns="n_params")
+
+
+def _sens(runs: pd.DataFrame) -> pd.DataFrame:
+    from stabilitylab.analysis import lr_sensitivity
+
+    return lr_sensitivity(runs, by=["variant", "n_params", "size"])
+
+
+def _get(table: pd.DataFrame, variant: str, size: str, col: str) -> float:
+    v = table.loc[(table["variant"] == variant) & (table["size"] == size), col]
+    return float(v.iloc[0]) if len(v) else math.nan
+
+
+def _finding(study: str, finding: str, measured: str, held: bool | None, note: str = "") -> dict[str, Any]:
+    return {"study": study, "finding": finding, "measured": measured,
+            "held": "n/a" if held is None else ("yes" if held else "no"), "note": note}
+
+
+def _sizes(summary: pd.DataFrame) -> list[str]:
+    return list(summary.groupby("size")["n_params"].median().sort_values().index)
+
+
+def _fmt_sizes(sizes: list[str], values) -> str:
+    return " / ".join(f"{v:.3g}" for v in values) + f" at {' / '.join(sizes)}"
+
+
+# ---------------------------------------------------------------------------------------------- studies
+def analyse_attention(runs: pd.DataFrame, history: pd.DataFrame, scale: Scale):
+    """Study 1 tables and findings: LR sensitivity and peak attention logit, without / with qk-layernorm."""
+    s = run_summary(runs, history)
+    sens = _sens(runs)
+    sizes = _sizes(s)
+    big = sizes[-1]
+    base = [_get(sens, "baseline", z, "lr_sensitivity") for z in sizes]
+    qk = [_get(sens, "qk_layernorm", z, "lr_sensitivity") for z in sizes]
+    high = s[(s["size"] == big) & (s["lr"] >= scale.high_lr * (1 - 1e-9))]
+    peak = high.groupby("variant")["peak_attn_logit"].max()
+    ratio = peak.get("baseline", math.nan) / peak.get("qk_layernorm", math.nan)
+    b = s[(s["size"] == big) & (s["variant"] == "baseline")].sort_values("lr")
+    growth = b["peak_attn_logit"].max() / b["peak_attn_logit"].iloc[0]
+    findings = [
+        _finding("attention", "without qk-layernorm, LR sensitivity rises with size",
+                 "LR sensitivity " + _fmt_sizes(sizes, base), base[-1] > base[0]),
+        _finding("attention", "with qk-layernorm, LR sensitivity stays low (below the baseline at the largest "
+                              "size and rising less with size)",
+                 "LR sensitivity " + _fmt_sizes(sizes, qk),
+                 qk[-1] < base[-1] and (qk[-1] - qk[0]) < (base[-1] - base[0])),
+        _finding("attention", f"peak max attention logit at high LR (>= {scale.high_lr:g}) is >= 10x larger "
+                              "without qk-layernorm",
+                 f"{peak.get('baseline', math.nan):.3g} without vs {peak.get('qk_layernorm', math.nan):.3g} "
+                 f"with at size {big} (x{ratio:.3g})", bool(ratio >= 10)),
+        _finding("attention", "without qk-layernorm, the max attention logit grows by orders of magnitude "
+                              "with LR",
+                 f"peak {b['peak_attn_logit'].iloc[0]:.3g} at lr={b['lr'].iloc[0]:.3g} -> "
+                 f"{b['peak_attn_logit'].max():.3g} (x{growth:.3g}) at size {big}", bool(growth >= 10)),
+    ]
+    tables = {"attention_sensitivity": sens, "attention_peak_logit": _pivot(s, "peak_attn_logit"),
+              "attention_final_loss": _pivot(s, "final_loss")}
+    return tables, findings, s
+
+
+def analyse_output_logits(runs: pd.DataFrame, history: pd.DataFrame, scale: Scale):
+    """Study 2: log Z drift (final - initial lse_mean, largest |lse_mean|) and divergence, without / with z-loss."""
+    s = run_summary(runs, history)
+    sizes = _sizes(s)
+    both = s.pivot_table(index=["size", "lr"], columns="variant", values="diverged", aggfunc="max")
+    comparable = []  # per size: the highest LR at which neither variant diverged
+    for z in sizes:
+        ok = both.loc[z]
+        ok = ok[(ok.get("baseline") == 0) & (ok.get("z_loss") == 0)] if {"baseline", "z_loss"} <= set(ok) else ok[:0]
+        if len(ok):
+            lr = float(ok.index.max())
+            at = s[(s["size"] == z) & np.isclose(s["lr"], lr)].set_index("variant")
+            comparable.append({"size": z, "lr": lr, **{f"|drift| {v}": abs(at.loc[v, "lse_drift"])
+                                                         for v in ("baseline", "z_loss")},
+                               **{f"max|lse| {v}": at.loc[v, "lse_max_abs"] for v in ("baseline", "z_loss")}})
+    comp = pd.DataFrame(comparable)
+    n_div = s.groupby("variant")["diverged"].sum()
+    findings = []
+    if len(comp):
+        last = comp.iloc[-1]
+        lower = comp["|drift| z_loss"] < comp["|drift| baseline"]
+        findings.append(_finding(
+            "output_logits", "z-loss lowers the log Z drift (weight decay 0)",
+            f"|lse_mean final - initial| {last['|drift| baseline']:.3g} without vs {last['|drift| z_loss']:.3g} "
+            f"with z-loss at size {last['size']}, lr={last['lr']:.3g}; lower at {int(lower.sum())} of "
+            f"{len(comp)} sizes", bool(lower.iloc[-1])))
+        findings.append(_finding(
+            "output_logits", "z-loss keeps log Z nearer 0 (largest |lse_mean|)",
+            f"max |lse_mean| {last['max|lse| baseline']:.3g} without vs {last['max|lse| z_loss']:.3g} with",
+            bool(last["max|lse| z_loss"] < last["max|lse| baseline"])))
+    findings.append(_finding(
+        "output_logits", "without z-loss the drift is followed by divergence at high LR",
+        f"diverged runs: {int(n_div.get('baseline', 0))} without vs {int(n_div.get('z_loss', 0))} with z-loss",
+        bool(n_div.get("baseline", 0) > n_div.get("z_loss", 0)),
+        "at tiny sizes and short runs the drift does not yet cause divergence" if scale.name == "quick" else ""))
+    tables = {"output_logits_drift": comp, "output_logits_lse_drift": _pivot(s, "lse_drift"),
+              "output_logits_lse_max_abs": _pivot(s, "lse_max_abs"), "output_logits_sensitivity": _sens(runs)}
+    return tables, findings, s
+
+
+def analyse_interventions(runs: pd.DataFrame, history: pd.DataFrame, scale: Scale):
+    """Study 3: LR sensitivity of each intervention per size vs the baseline."""
+    sens = _sens(runs)
+    sizes = _sizes(run_summary(runs, history))
+    wide = sens.pivot_table(index=["n_params", "size"], columns="variant", values="lr_sensitivity").reset_index()
+    findings = []
+    labels = {"long_warmup": "a longer warm-up", "indep_wd": "independent weight decay", "mup": "simple muP",
+              "all": "all mitigations combined"}
+    b = [_get(sens, "baseline", z, "lr_sensitivity") for z in sizes]
+    for v, label in labels.items():
+        x = [_get(sens, v, z, "lr_sensitivity") for z in sizes]
+        if not np.isfinite(x[-1]):
+            continue
+        findings.append(_finding("interventions", f"{label} lowers LR sensitivity (largest size)",
+                                 f"{x[-1]:.3g} vs baseline {b[-1]:.3g} at size {sizes[-1]}; lower at "
+                                 f"{sum(a < c for a, c in zip(x, b))} of {len(sizes)} sizes", x[-1] < b[-1]))
+    return {"interventions_sensitivity": wide.drop(columns="n_params")}, findings, None
+
+
+def analyse_adam_eps(runs: pd.DataFrame, history: pd.DataFrame, scale: Scale, attention: pd.DataFrame | None):
+    """Study 4: grad RMS vs size (study 1 baseline runs) and eps 1e-8 / 1e-15 / Adam-atan2 at the largest size."""
+    from stabilitylab.analysis import fit_scaling
+
+    tables, findings, fit = {}, [], None
+    if attention is not None:
+        b = attention[(attention["variant"] == "baseline") & ~attention["diverged"].astype(bool)]
+        per = b.groupby(["size", "n_params"], as_index=False)["grad_rms"].median().sort_values("n_params")
+        per = per.dropna()
+        if len(per) >= 2:
+            fit = fit_scaling(per, "n_params", "grad_rms", degree=1)
+            cross = fit.solve(1e-8)
+            lo, hi = fit.exponent_interval
+            per["fit_exponent"] = fit.exponent
+            tables["adam_eps_grad_rms"] = per
+            findings.append(_finding(
+                "adam_eps", "gradient RMS falls as models grow (toward Adam's eps)",
+                f"median grad RMS {_fmt_sizes(list(per['size']), per['grad_rms'])}; power law exponent "
+                f"{fit.exponent:.3g} [{lo:.3g}, {hi:.3g}]; reaches eps=1e-8 at ~{cross['x']:.3g} parameters",
+                fit.exponent < 0))
+    sens = _sens(runs)
+    tables["adam_eps_sensitivity"] = sens
+    big = sens.sort_values("n_params")["size"].iloc[-1]
+    ref = _get(sens, "baseline", big, "best_loss")
+    for v, label in (("eps1e-15", "eps 1e-15"), ("adam_atan2", "Adam-atan2")):
+        x = _get(sens, v, big, "best_loss")
+        if np.isfinite(x):
+            findings.append(_finding(
+                "adam_eps", f"{label} trains at least as well as eps 1e-8 at the largest size (best loss "
+                            "within 0.02 nats or lower)",
+                f"best loss {x:.4g} vs {ref:.4g} (eps 1e-8) at size {big}; LR sensitivity "
+                f"{_get(sens, v, big, 'lr_sensitivity'):.3g} vs {_get(sens, 'baseline', big, 'lr_sensitivity'):.3g}",
+                x <= ref + 0.02, "eps matters once grad RMS nears eps; at small sizes grad RMS >> eps"))
+    return tables, findings, fit
+
+
+def analyse_prediction(runs: pd.DataFrame, history: pd.DataFrame, scale: Scale):
+    """Study 5: fit study 1 on the smaller sizes, predict the largest, compare with its real runs."""
+    from stabilitylab.analysis import predict_instability
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pred = predict_instability(runs, history, holdout="largest", signals=("attn_logit", "lse_drift"))
+    pred = pred.assign(hit=pred["consistent"].map({True: "hit", False: "miss"}).fillna("n/a"))
+    findings = []
+    for variant, g in pred[pred["signal"] == "attn_logit"].groupby("variant", sort=True):
+        at = g[g["prediction"] == "attn_logit at target"]
+        hits = int((at["hit"] == "hit").sum())
+        crit = g[g["prediction"] == "critical lr at target"]
+        text = f"early max attention logit inside the 95% interval at {hits} of {len(at)} LRs"
+        held = bool(len(at)) and hits >= len(at) / 2
+        if len(crit):
+            c = crit.iloc[0]
+            text += (f"; critical LR predicted {c['predicted']:.3g} [{c['lo']:.3g}, {c['hi']:.3g}] vs observed "
+                     f"({c['observed_lo']:.3g}, {c['observed_hi']:.3g}]: {c['hit']}")
+            held = held and c["hit"] == "hit"
+        findings.append(_finding("prediction", f"the largest size's attention-logit instability is predicted "
+                                               f"from the smaller sizes ({variant})", text, held))
+    return {"prediction": pred}, findings, None
+
+
+# ---------------------------------------------------------------------------------------------- report
+def _figures(study: str, runs: pd.DataFrame, history: pd.DataFrame, extra) -> dict[str, Any]:
+    from stabilitylab import plots
+
+    figs = {f"{study}_lr_vs_loss": plots.lr_vs_loss(runs)}
+    if runs["size"].nunique() >= 2:
+        figs[f"{study}_lr_sensitivity_vs_size"] = plots.lr_sensitivity_vs_size(runs)
+    if study == "attention" and (history["metric"] == M.ATTN_MAX_LOGIT).any():
+        figs["attention_max_logit"] = plots.max_attention_logit(history, runs)
+    if study == "output_logits" and (history["metric"] == M.LOGITS_LSE_MEAN).any():
+        big = runs.sort_values("n_params")["size"].iloc[-1]
+        figs["output_logits_lse_drift"] = plots.lse_drift(history, runs[runs["size"] == big])
+    if study == "adam_eps" and extra is not None:
+        figs["adam_eps_grad_rms_fit"] = plots.scaling_fit(extra, title="grad RMS vs size (baseline)")
+    return figs
+
+
+def _write_report(rep: Reproduction, scale: Scale, executor: str, device: str, figs: dict[str, Any]) -> None:
+    from stabilitylab import plots
+    from stabilitylab.report import _fmt, _markdown
+
+    out = rep.out
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    for name, df in {"findings": rep.findings, **rep.tables}.items():
+        df.to_parquet(out / "tables" / f"{name}.parquet", index=False)
+    rep.findings.to_parquet(out / "findings.parquet", index=False)
+    (out / "findings.md").write_text(_markdown(rep.findings) + "\n", encoding="utf-8")
+    for name, fig in figs.items():
+        rep.figures[name] = Path(plots.save(fig, out / f"{name}.png", dpi=100))
+    title = f"stabilitylab reproduce --scale {scale.name}"
+    setup = (f"Proxy sizes {', '.join(s if isinstance(s, str) else s['name'] for s in scale.sizes)}; "
+             f"LRs {', '.join(f'{v:.3g}' for v in scale.lrs)}; {scale.steps} steps x {scale.batch_size} "
+             f"sequences x {scale.seq_len} tokens; executor {executor}; device {device}.")
+    timing = pd.DataFrame([{"study": k, "wall_s": v, **rep.counts.get(k, {})} for k, v in rep.timings.items()])
+    sections = [("Findings", rep.findings), ("Timing", timing), *rep.tables.items()]
+    md = [f"# {title}", "", setup, ""]
+    body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(setup)}</p>"]
+    for name, df in sections:
+        md += [f"## {name}", "", _markdown(df) if len(df) else "(no rows)", ""]
+        body += [f"<h2>{html.escape(name)}</h2>", _fmt(df).to_html(index=False, border=0)]
+    md.append("## Figures\n")
+    body.append("<h2>Figures</h2>")
+    for name, png in rep.figures.items():
+        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
+        body.append(f'<h3>{html.escape(name)}</h3><img alt="{name}" src="data:image/png;base64,{b64}"/>')
+        md.append(f"![{name}]({png.name})")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
+             "font-size:12px}td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}")
+    rep.report_html, rep.report_md = out / "report.html", out / "report.md"
+    rep.report_html.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                               f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>",
+                               encoding="utf-8")
+    rep.report_md.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def reproduce(scale: str | Scale = "quick", out: str | Path | None = None, executor: str | None = None,
+              workers: int | None = None, studies: Sequence[str] = STUDIES, device: str | None = None,
+              progress: bool = True) -> Reproduction:
+    """Run the studies (resuming from ``out``) and write the report; prints the wall time per study.
+
+    Args:
+        scale: ``"quick"`` (CPU, minutes), ``"full"`` (one GPU) or a ``Scale``.
+        out: output folder (default ``runs/reproduce_<scale name>``).
+        executor: sweep executor (default: ``"vectorized"`` when available, else ``"local"``); points the
+            vectorized executor cannot train (Adam-atan2) run with ``"local"``.
+        workers: worker processes / Ray tasks (``processes`` / ``ray`` executors).
+        studies: subset of ``STUDIES`` (``prediction`` and the grad-RMS part of ``adam_eps`` need ``attention``).
+        device: torch device (default ``"cuda"`` when available, else ``"cpu"``).
+        progress: tqdm progress bars.
+
+    Returns:
+        a ``Reproduction`` (findings, tables, timings in seconds, counts of trained / reused runs, paths).
+    """
+    from stabilitylab.sweeps.executors import EXECUTORS
+
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(f"reproduce(scale={scale!r}): choose one of {', '.join(SCALES)} or pass a Scale")
+        scale = SCALES[scale]
+    if not isinstance(scale, Scale):
+        raise TypeError(f"reproduce(scale=...): expected 'quick', 'full' or a Scale, got {type(scale).__name__}")
+    executor = executor or default_executor()
+    if executor not in EXECUTORS:
+        raise ValueError(f"reproduce(executor={executor!r}): choose one of {', '.join(EXECUTORS)}")
+    bad = [s for s in studies if s not in STUDIES]
+    if bad or not studies:
+        raise ValueError(f"reproduce(studies={list(studies)!r}): choose a non-empty subset of {', '.join(STUDIES)}")
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out) if out is not None else Path("runs") / f"reproduce_{scale.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    specs = study_specs(scale, device)
+    data: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {}
+    rep = Reproduction(findings=pd.DataFrame(), tables={}, timings={}, counts={}, out=out)
+    findings: list[dict] = []
+    figs: dict[str, Any] = {}
+    summary_attention = None
+    t_all = time.time()
+    for study in STUDIES:
+        need = study in studies or (study == "attention" and "prediction" in studies)
+        if not need:
+            continue
+        t0 = time.time()
+        if study in _TRAINING:
+            runs, history, rep.counts[study] = run_study(study, specs[study], out, executor, workers, progress)
+            data[study] = (runs, history)
+        else:
+            runs, history = data["attention"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if study == "attention":
+                tables, f, summary_attention = analyse_attention(runs, history, scale)
+            elif study == "output_logits":
+                tables, f, _ = analyse_output_logits(runs, history, scale)
+            elif study == "interventions":
+                tables, f, _ = analyse_interventions(runs, history, scale)
+            elif study == "adam_eps":
+                tables, f, extra = analyse_adam_eps(runs, history, scale, summary_attention)
+            else:
+                tables, f, _ = analyse_prediction(runs, history, scale)
+            if study in _TRAINING:
+                figs.update(_figures(study, runs, history, extra if study == "adam_eps" else None))
+        rep.tables.update(tables)
+        findings += f
+        rep.timings[study] = time.time() - t0
+        print(f"reproduce {study}: {rep.timings[study]:.1f} s"
+              + (f" ({rep.counts[study]['trained']} trained, {rep.counts[study]['reused']} reused, "
+                 f"{rep.counts[study]['resumed']} resumed)" if study in rep.counts else ""), flush=True)
+    rep.findings = pd.DataFrame(findings, columns=["study", "finding", "measured", "held", "note"])
+    rep.tables["run_times"] = _run_times(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _write_report(rep, scale, executor, device, figs)
+    rep.timings["total"] = time.time() - t_all
+    print(f"reproduce: total {rep.timings['total']:.1f} s; report {rep.report_html}", flush=True)
+    return rep
+
+
+def _run_times(data: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
+    """Mean wall time per run by size and variant over the distinct runs of every study (seconds)."""
+    runs = pd.concat([r for r, _ in data.values()], ignore_index=True).drop_duplicates("run_id")
+    return runs.groupby(["n_params", "size"], as_index=False).agg(
+        runs=("run_id", "size"), mean_run_s=("wall_time", "mean"), total_s=("wall_time", "sum"))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _cmd(args: argparse.Namespace) -> int:
+    rep = reproduce(args.scale, out=args.out, executor=args.executor, workers=args.workers,
+                    studies=args.studies or STUDIES, device=args.device, progress=not args.no_progress)
+    from stabilitylab.report import _markdown
+
+    print(_markdown(rep.findings))
+    failed = sum(c.get("failed", 0) for c in rep.counts.values())
+    return 1 if failed else 0
+
+
+def add_parser(sub) -> None:
+    from stabilitylab.sweeps.executors import EXECUTORS
+
+    p = sub.add_parser(
+        "reproduce", help="reproduce the main paper's findings on the proxy (one command)",
+        description="Run the five studies of Wortsman et al. (2023) on the proxy (attention logit growth, "
+                    "output logit divergence, interventions, Adam eps, prediction) into resumable sweep "
+                    "stores and write a report with a findings table (HTML + markdown + figures + parquet).")
+    p.add_argument("--scale", choices=list(SCALES), default="quick",
+                   help="quick: tiny sizes, CPU, < 20 min on 2 cores; full: ~0.7M..25M parameters, one GPU")
+    p.add_argument("--executor", choices=list(EXECUTORS), default=None,
+                   help="sweep executor (default: vectorized when available, else local)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/reproduce_<scale>)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes / Ray tasks (processes, ray)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--studies", nargs="+", choices=list(STUDIES), default=None,
+                   help="run only these studies (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd)
