@@ -113,7 +113,7 @@ def bench_workload(build, device: str, dtype: torch.dtype, repeats: int, steps: 
         return step
 
     for r in range(repeats + 1):  # round 0 is warm-up for every configuration
-        for i, (name, probes, every) in enumerate(configs):
+        for i, (_, probes, every) in enumerate(configs):
             mon, wb = None, None
             if probes == "wandb":
                 import wandb

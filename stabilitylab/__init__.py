@@ -8,7 +8,14 @@
 
 from stabilitylab import metrics, mitigations, probes, sinks
 from stabilitylab.adapters import record_qk, register_adapter
-from stabilitylab.analysis import lr_sensitivity
+from stabilitylab.analysis import (
+    EarlyWarning,
+    evaluate_warnings,
+    fit_scaling,
+    lr_curves,
+    lr_sensitivity,
+    predict_instability,
+)
 from stabilitylab.distributed import UnsupportedParallelismError
 from stabilitylab.monitor import Monitor
 from stabilitylab.proxy import ProxyConfig, ProxyTransformer, TrainConfig, train_one
@@ -19,4 +26,5 @@ __version__ = "0.1.0"
 
 __all__ = ["Monitor", "ProxyConfig", "ProxyTransformer", "TrainConfig", "__version__", "lr_sensitivity",
            "metrics", "mitigations", "probes", "record_qk", "register_adapter", "sinks", "train_one",
-           "SweepSpec", "load_sweep", "sweep", "train_many", "UnsupportedParallelismError"]
+           "SweepSpec", "load_sweep", "sweep", "train_many", "UnsupportedParallelismError",
+           "EarlyWarning", "evaluate_warnings", "fit_scaling", "lr_curves", "predict_instability"]

@@ -42,7 +42,7 @@ def _fmt(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(df: pd.DataFrame) -> str:
-    f = _fmt(df).astype(str)
+    f = _fmt(df).map(str)
     lines = ["| " + " | ".join(map(str, f.columns)) + " |", "|" + "---|" * len(f.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in f.to_numpy().tolist()]
     return "\n".join(lines)
