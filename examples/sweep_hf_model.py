@@ -6,6 +6,7 @@ n_layers, head_dim, seq_len, qk_layernorm, ...) and ``monitor(model, optimizer)`
 ``stabilitylab.Monitor`` for that run. The GPT-2 is built from a config (no weights are downloaded).
 
     python examples/sweep_hf_model.py --steps 60 --store runs/hf_gpt2
+    python examples/sweep_hf_model.py --quick          # 2 LRs, 15 steps (CI)
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ def main() -> None:
     ap.add_argument("--store", default="runs/hf_gpt2")
     ap.add_argument("--executor", default="local", choices=["local", "processes", "ray"])
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="2 LRs, 15 steps")
     args = ap.parse_args()
-    spec = sl.SweepSpec(name="hf_gpt2", lrs={"log_range": [1e-3, 3e-1, 4]},
+    if args.quick:
+        args.steps = 15
+    spec = sl.SweepSpec(name="hf_gpt2", lrs=[1e-2, 1e-1] if args.quick else {"log_range": [1e-3, 3e-1, 4]},
                         sizes=[{"d_model": 32, "n_layers": 2, "head_dim": 16, "name": "gpt2-32"}],
                         variants=["baseline"], steps=args.steps, batch_size=8, seq_len=32,
                         train={"eval_batches": 4})

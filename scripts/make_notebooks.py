@@ -48,7 +48,7 @@ Set `STABILITYLAB_QUICK=1` for a small grid (CI); the default grid takes tens of
     ("code", SETUP),
     ("code", '''\
 if QUICK:
-    grid = dict(sizes=["xxs", "xs"], lrs=[1e-2, 1e-1, 1.0], steps=100)
+    grid = dict(sizes=["xxs", "xs"], lrs=[1e-2, 1e-1, 1.0], steps=60)
 else:
     grid = dict(sizes=["xxs", "xs", "s"], lrs={"log_range": [1e-3, 1.0, 7]}, steps=400)
 spec = sl.SweepSpec(name="lr_sensitivity", variants=["baseline", "qk_layernorm", "z_loss"],
@@ -143,7 +143,7 @@ from stabilitylab.analysis import (evaluate_warnings, fit_scaling, lr_curves, pr
                                    run_signals)
 
 widths = [32, 48, 64] if QUICK else [32, 48, 64, 96, 128]
-steps = 120 if QUICK else 300
+steps = 100 if QUICK else 300
 sizes = [{"d_model": w, "n_layers": 2, "head_dim": 16, "name": f"w{w}"} for w in widths]
 spec = sl.SweepSpec(name="predict", sizes=sizes, variants=["baseline"],
                     lrs={"log_range": [3e-2, 3.0, 5 if QUICK else 9]}, seeds=[0] if QUICK else [0, 1],

@@ -70,6 +70,13 @@ class Monitor:
         rank_zero_only: in a multi-rank run (DDP, FSDP2) only rank 0 writes to ``sinks`` (every rank
             still computes the same reduced values and keeps ``history()``). False makes every rank write,
             with run id ``<run_id>-rank<r>`` so per-rank files never collide (for debugging).
+        eager_logged_steps: run ``torch.compile``d code eagerly on logged steps
+            (``torch.compiler.set_stance("force_eager")`` while probes are armed, the previous stance
+            restored after). Non-logged steps run the compiled graph unchanged (no graph breaks, no
+            recompilation: the graph was traced with the probes disarmed), and logged steps see every hook
+            and every attention call, so compiled and eager models record the same values. This also
+            covers a model compiled after the Monitor was attached. Set False if you manage
+            ``set_stance`` yourself.
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class Monitor:
         config: dict[str, Any] | None = None,
         on_event: Callable[[Event], None] | None = None,
         rank_zero_only: bool = True,
+        eager_logged_steps: bool = True,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -113,8 +121,9 @@ class Monitor:
             raise TypeError(f"Monitor(on_event={on_event!r}): pass a callable fn(event) or None")
         if not isinstance(rank_zero_only, bool):
             raise TypeError(f"Monitor(rank_zero_only={rank_zero_only!r}): pass True or False")
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module  # hooks on the wrapped module see the same calls; names lose "module."
+        if not isinstance(eager_logged_steps, bool):
+            raise TypeError(f"Monitor(eager_logged_steps={eager_logged_steps!r}): pass True or False")
+        model = _unwrap(model)
         D.check_supported(model)
         rank, world = D.rank_and_world()
         if world > 1:
@@ -138,6 +147,8 @@ class Monitor:
         targets = ([self._memory] if self._memory else []) + (self.sinks if writes else [])
         self._guards = [_Guarded(s) for s in targets]
         self._per_rank: torch.Tensor | None = None
+        self.eager_logged_steps = eager_logged_steps
+        self._saved_stance = None
         self.probes = self._build(probes)
         self._closed = False
         self._t0 = time.time()
@@ -177,6 +188,23 @@ class Monitor:
     def _arm(self, armed: bool) -> None:
         for p in self.probes:
             p.guard(p.arm)(armed)
+        if self.eager_logged_steps:
+            self._force_eager(armed)
+
+    def _force_eager(self, on: bool) -> None:
+        """Make compiled code run eagerly while probes are armed (see ``eager_logged_steps``)."""
+        from torch._dynamo import eval_frame
+
+        try:
+            if on and self._saved_stance is None:
+                self._saved_stance = eval_frame._set_stance(eval_frame.DynamoStance("force_eager"))
+            elif not on and self._saved_stance is not None:
+                eval_frame._set_stance(self._saved_stance)
+                self._saved_stance = None
+        except RuntimeError as e:  # Monitor.step called inside a compiled region
+            self.eager_logged_steps = False
+            warnings.warn(f"stabilitylab: cannot switch torch.compile to eager on logged steps ({e}); call "
+                          "Monitor.step outside compiled code, or pass eager_logged_steps=False", stacklevel=3)
 
     def probe(self, name: str) -> Probe:
         """The attached probe called ``name`` (e.g. ``"attention"``)."""
@@ -308,6 +336,8 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        if self.eager_logged_steps:
+            self._force_eager(False)
         for p in self.probes:
             p.detach()
         for g in self._guards:
@@ -331,6 +361,17 @@ def _broadcast_run_id(run_id: str | None) -> str:
     box = [run_id or uuid.uuid4().hex[:8]]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module the user's code runs, without DDP / ``torch.compile`` wrappers (their names add prefixes)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _short_unsupported(model: torch.nn.Module) -> str:

@@ -43,7 +43,7 @@ def test_quadratic_loss_matches_dense_preconditioned_eigenvalue_and_threshold():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.8, 0.95))
     probe = SharpnessProbe(loss_fn=lambda: 0.5 * model.theta @ a @ model.theta, every=1, iters=300, tol=1e-12)
     mon = Monitor(model, optimizer=opt, every=1, probes=[probe])
-    for _ in range(3):
+    for _ in range(2):
         loss = 0.5 * model.theta @ a @ model.theta
         loss.backward()
         opt.step()
