@@ -6,9 +6,10 @@
 
 Method: one model per workload; every configuration (plain, each probe alone, the default suite) at
 every=1 and every=10 is timed in windows of ``steps`` full training steps (forward, backward, optimizer,
-``Monitor.step``), after warm-up. Windows of all configurations are interleaved round-robin, so drift of
-a shared machine hits them alike, and the reported time is the median over ``repeats`` windows.
-``ratio = median step time / median plain step time``.
+``Monitor.step``), after warm-up. Configurations are interleaved round-robin and each window is paired
+with a plain window timed just before it, so drift of a shared machine cancels in the ratio:
+``ratio = median over repeats of (window step time / paired plain step time)``; ``step_ms`` is the
+median window step time.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def bench_workload(build, device: str, dtype: torch.dtype, repeats: int, steps: 
     data = [batch() for _ in range(4)]
     configs = _configs(with_wandb)
     times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    ratios: dict[int, list[float]] = {i: [] for i in range(len(configs))}
 
     def run(mon, wandb_run=None):
         it = iter(range(1 << 62))
@@ -125,18 +127,19 @@ def bench_workload(build, device: str, dtype: torch.dtype, repeats: int, steps: 
             step = run(mon, wb)
             for _ in range(warmup if r == 0 else 0):
                 step()
+            t_plain = _window(run(None), steps, sync) if probes is not None else None
             t = _window(step, steps, sync)
             if r > 0:
                 times[i].append(t)
+                ratios[i].append(1.0 if t_plain is None else t / t_plain)
             if mon is not None:
                 mon.close()
             if wb is not None:
                 wb.unwatch(model)
                 wb.finish()
-    plain = statistics.median(times[0])
     rows = [{"config": name, "every": every if probes is not None else None,
-             "step_ms": 1e3 * statistics.median(times[i]), "ratio": statistics.median(times[i]) / plain,
-             "windows_ms": [1e3 * t for t in times[i]]}
+             "step_ms": 1e3 * statistics.median(times[i]), "ratio": statistics.median(ratios[i]),
+             "windows_ms": [1e3 * t for t in times[i]], "window_ratios": ratios[i]}
             for i, (name, probes, every) in enumerate(configs)]
     return {**info, "dtype": str(dtype).removeprefix("torch."), "steps_per_window": steps, "repeats": repeats,
             "rows": rows}

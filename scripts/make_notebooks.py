@@ -23,8 +23,9 @@ import warnings
 import matplotlib.pyplot as plt
 import pandas as pd
 
-import stabilitylab as sl
-from stabilitylab import plots
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+import stabilitylab as sl  # noqa: E402
+from stabilitylab import plots  # noqa: E402
 
 QUICK = os.environ.get("STABILITYLAB_QUICK") == "1"  # CI: a small grid that runs in about a minute
 pd.set_option("display.width", 160)
@@ -71,7 +72,7 @@ table.round(3)'''),
 
 One panel per variant, one line per size; a diverged run (non-finite, or worse than at initialisation)
 is drawn at its initial loss with a red x, as the sensitivity formula counts it."""),
-    ("code", "plots.lr_vs_loss(runs)"),
+    ("code", "plots.lr_vs_loss(runs);"),
     ("md", """\
 ## LR sensitivity per size and variant
 
@@ -89,7 +90,7 @@ for variant in ("qk_layernorm", "z_loss"):
     lower = (wide[variant] < wide["baseline"]).sum()
     print(f"{variant}: LR sensitivity below baseline at {lower} of {len(wide)} sizes "
           f"(mean change {(wide[variant] - wide['baseline']).mean():+.3f} nats)")
-plots.lr_sensitivity_vs_size(runs)'''),
+plots.lr_sensitivity_vs_size(runs);'''),
     ("md", """\
 ## Attention-logit growth
 
@@ -99,7 +100,7 @@ magnitude with the learning rate (attention collapses onto one key); with qk-lay
 are normalised before the dot product and the logits stay bounded. z-loss targets the *output* logits
 (their log-partition function `log Z`), not the attention logits, so it should look like the baseline here
 and differ in the output-logit drift plotted below."""),
-    ("code", "plots.max_attention_logit(history, runs)"),
+    ("code", "plots.max_attention_logit(history, runs);"),
     ("code", '''\
 ratio = sens.pivot_table(index="size", columns="variant", values="peak_attn_logit")
 (ratio["baseline"] / ratio["qk_layernorm"]).rename("peak attention logit: baseline / qk_layernorm").round(1)'''),
@@ -110,7 +111,7 @@ ratio = sens.pivot_table(index="size", columns="variant", values="peak_attn_logi
 logged step is the output-logit divergence that z-loss (`1e-4 * mean(log Z^2)`) penalises."""),
     ("code", '''\
 largest = runs.sort_values("n_params")["size"].iloc[-1]
-plots.lse_drift(history, runs[runs["size"] == largest])'''),
+plots.lse_drift(history, runs[runs["size"] == largest]);'''),
     ("md", """\
 **What to read from it.** Each mitigation's effect shows up where it acts: qk-layernorm removes the
 attention-logit growth at high LR, z-loss keeps `log Z` near 0. Whether that lowers LR sensitivity depends
@@ -136,13 +137,13 @@ predicts where a larger model becomes unstable before training it. This notebook
 4. replays the logged histories through the online detector `analysis.EarlyWarning` and measures how many
    steps before each divergence it warned (`analysis.evaluate_warnings`).
 
-`STABILITYLAB_QUICK=1` runs three widths (two to fit, one held out) for CI."""),
+`STABILITYLAB_QUICK=1` runs four widths (three to fit, one held out) and a coarser LR grid for CI."""),
     ("code", SETUP),
     ("code", '''\
 from stabilitylab.analysis import (evaluate_warnings, fit_scaling, lr_curves, predict_instability,
                                    run_signals)
 
-widths = [32, 48, 64] if QUICK else [32, 48, 64, 96, 128]
+widths = [32, 48, 64, 80] if QUICK else [32, 48, 64, 96, 128]
 steps = 100 if QUICK else 300
 sizes = [{"d_model": w, "n_layers": 2, "head_dim": 16, "name": f"w{w}"} for w in widths]
 spec = sl.SweepSpec(name="predict", sizes=sizes, variants=["baseline"],
@@ -178,7 +179,7 @@ obs = sig[(sig["lr"] == lr) & (sig["size"] == held)]["attn_logit"].median()
 print(f"lr={lr:.3g}: attn_logit ~ N^{fit.exponent:.2f} (95% CI {fit.exponent_interval[0]:.2f}..{fit.exponent_interval[1]:.2f}),"
       f" R^2={fit.r2:.3f}")
 print(fit.extrapolate(n_held).round(3).to_string(index=False), f"\\nobserved at {held}: {obs:.4g}")
-plots.scaling_fit(fit, holdout=(n_held, obs), title=f"early max attention logit at lr={lr:.3g}")'''),
+plots.scaling_fit(fit, holdout=(n_held, obs), title=f"early max attention logit at lr={lr:.3g}");'''),
     ("md", """\
 ## Predictions for the held-out size vs its real runs
 
@@ -214,7 +215,7 @@ per_run.merge(runs[["run_id", "size", "lr"]]).query("diverge_step == diverge_ste
 diverged = per_run.dropna(subset=["diverge_step"]).merge(runs[["run_id", "n_params"]])
 if len(diverged):
     rid = diverged.sort_values(["lead_steps", "n_params"], ascending=False)["run_id"].iloc[0]
-    display(plots.warning_timeline(history, rid))
+    plots.warning_timeline(history, rid)
 else:
     print("no run diverged on this grid: widen the LR range to see warnings")'''),
     ("md", """\
@@ -329,11 +330,21 @@ args = TrainingArguments(output_dir="runs/notebooks/hf_trainer", max_steps=steps
                          report_to="wandb" if USE_WANDB else "none", disable_tqdm=True, seed=0)
 if USE_WANDB:
     os.environ.setdefault("WANDB_MODE", "offline")
-Trainer(model=llama(), args=args, train_dataset=train_set, callbacks=[callback]).train()
+trainer = Trainer(model=llama(), args=args, train_dataset=train_set, callbacks=[callback])
+trainer.train()
 trainer_hist = callback.monitor.history()
 tw = trainer_hist.pivot_table(index="step", columns="metric", values="value", aggfunc="max")
 tw[[c for c in HEADLINE if c in tw.columns]]'''),
     ("code", 'show(trainer_hist, "Trainer + StabilityCallback");'),
+    ("md", """\
+The callback's `grad.global_norm` is the same quantity as the `grad_norm` the Trainer logs itself (the
+norm of the accumulated gradient before clipping), at the same step numbers:"""),
+    ("code", '''\
+theirs = pd.Series({r["step"]: r["grad_norm"] for r in trainer.state.log_history if "grad_norm" in r}, name="Trainer grad_norm")
+ours = trainer_hist[trainer_hist["metric"] == "grad.global_norm"].set_index("step")["value"].rename("grad.global_norm")
+both = pd.concat([theirs, ours], axis=1, join="inner")
+print("largest relative difference:", float(((both.iloc[:, 0] - both.iloc[:, 1]).abs() / both.iloc[:, 0]).max()))
+both'''),
     ("md", """\
 The records are also on disk as parquet (`<output_dir>/stabilitylab/history/`), readable with pandas
 alone:"""),
