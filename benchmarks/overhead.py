@@ -1,15 +1,33 @@
-"""Overhead of the Monitor: per-probe and whole-suite step time vs the plain training step.
+"""Overhead of the Monitor vs the plain training step, and vs what training scripts do instead.
 
-    python benchmarks/overhead.py                 # CPU: proxy + small HF GPT-2 -> results/overhead_cpu.json
-    python benchmarks/overhead.py --device cuda   # + GPT-2-small shape, 16 x 1024 tokens, bf16
-    python benchmarks/overhead.py --quick --wandb # fewer repeats; add a wandb.watch(log="all") row
+    python benchmarks/overhead.py                  # CPU: proxy + reduced GPT-2 -> results/overhead_cpu.json
+    python benchmarks/overhead.py --device cuda    # proxy + GPT-2 small (163M, 16 x 1024, bf16 autocast)
+    python benchmarks/overhead.py --quick          # fewer, shorter windows (a smoke run)
 
-Method: one model per workload; every configuration (plain, each probe alone, the default suite) at
-every=1 and every=10 is timed in windows of ``steps`` full training steps (forward, backward, optimizer,
-``Monitor.step``), after warm-up. Configurations are interleaved round-robin and each window is paired
-with a plain window timed just before it, so drift of a shared machine cancels in the ratio:
-``ratio = median over repeats of (window step time / paired plain step time)``; ``step_ms`` is the
-median window step time.
+Configurations, each compared with the plain step (forward, backward, AdamW step, zero_grad) on the same
+model, data and optimizer, in one process:
+
+- the default Monitor at ``every=1`` and ``every=10``, and each default probe alone at ``every=1``;
+- ``wandb.watch(model, log="all", log_freq=1)`` and ``log_freq=10``, offline (``WANDB_MODE=offline``,
+  a temporary ``WANDB_DIR``), with ``run.log({"loss": loss.item()})`` every step so the histograms are
+  committed the way a training script commits them;
+- a hand-written per-parameter loop ``{name: p.grad.norm().item()}`` every step (one host sync per tensor);
+- fused norms every step: ``torch.stack(torch._foreach_norm(grads)).cpu()`` (one transfer).
+
+Timing: after one warm-up window per configuration, ``--repeats`` rounds; in each round every
+configuration runs one window of ``--steps`` steps right after a plain window, so drift of a shared
+machine cancels in the per-round ratio ``window time / preceding plain window time``. Rows give the median
+ratio and its spread (interquartile range, min-max); the ``plain`` row is the ratio of consecutive plain
+windows, i.e. the noise floor. On CPU the time is the CPU time of this process and its children (the
+wandb service included), since wall time on a shared machine mostly measures the neighbours; wall time
+is stored too. On CUDA the time is wall time between ``torch.cuda.synchronize()`` calls.
+
+Memory: the peak of each configuration at every step (a fresh window after the timing), as extra bytes
+over the plain step's peak and as % of it. CUDA: ``torch.cuda.max_memory_allocated()`` after
+``reset_peak_memory_stats()``. CPU: the CPU allocator's live bytes seen by ``torch.profiler``
+(``profile_memory=True``, max of "Total Allocated" over the window, relative to its start) plus the
+bytes of parameters, gradients and optimizer state alive at the window's start. Host-side Python objects
+(records kept by the Monitor, wandb's buffers) are not tensors and are not counted.
 """
 
 from __future__ import annotations
@@ -17,12 +35,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 import stabilitylab as sl
@@ -31,145 +52,301 @@ from stabilitylab.probes import DEFAULT
 RESULTS = Path(__file__).parent / "results"
 
 
-def _proxy(device: str, dtype: torch.dtype):
+@dataclass
+class Workload:
+    """A model, its optimizer, a fixed set of batches and the loss of one batch."""
+
+    info: dict
+    model: torch.nn.Module
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    data: list[torch.Tensor]
+    opt: torch.optim.Optimizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
+        self.info["n_params"] = sum(p.numel() for p in self.model.parameters())
+
+
+def _autocast(device: str, dtype: torch.dtype):
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def proxy(device: str, dtype: torch.dtype) -> Workload:
+    """The built-in proxy: preset xs, batch 8 x 64 on CPU; preset xxl, batch 16 x 1024 on CUDA."""
     cfg = sl.proxy.preset("xs", seq_len=64) if device == "cpu" else sl.proxy.preset("xxl", seq_len=1024)
     model = sl.ProxyTransformer(cfg).to(device)
-    B = 4 if device == "cpu" else 16
-
-    def batch():
-        return torch.randint(0, cfg.vocab_size, (B, cfg.seq_len), device=device)
+    B = 8 if device == "cpu" else 16
 
     def loss_fn(x):
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with _autocast(device, dtype):
             return model(x, x)[1]
 
-    return model, batch, loss_fn, {"model": "proxy", "batch": B, "seq": cfg.seq_len, "d_model": cfg.d_model,
-                                   "layers": cfg.n_layers}
+    data = [torch.randint(0, cfg.vocab_size, (B, cfg.seq_len), device=device) for _ in range(4)]
+    return Workload({"model": "proxy", "batch": B, "seq": cfg.seq_len, "d_model": cfg.d_model,
+                     "layers": cfg.n_layers}, model, loss_fn, data)
 
 
-def _gpt2(device: str, dtype: torch.dtype):
+def gpt2(device: str, dtype: torch.dtype) -> Workload:
+    """Hugging Face GPT-2 (SDPA attention, untied LM head). CUDA: GPT-2 small's shape with an untied head
+    (163M parameters), batch 16 x 1024; CPU: a reduced shape (d 128, 4 layers, vocab 4096, 4 x 128)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if device == "cpu":
-        shape = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=64)
-        B, T = 4, 64
-    else:  # GPT-2 small
+        shape = dict(n_embd=128, n_layer=4, n_head=4, vocab_size=4096, n_positions=128)
+        B, T = 4, 128
+    else:
         shape = dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024)
         B, T = 16, 1024
-    cfg = GPT2Config(**shape, attn_implementation="sdpa", bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(**shape, attn_implementation="sdpa", tie_word_embeddings=False, bos_token_id=0,
+                     eos_token_id=0)
     model = GPT2LMHeadModel(cfg).to(device)
 
-    def batch():
-        return torch.randint(0, cfg.vocab_size, (B, T), device=device)
-
     def loss_fn(x):
-        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        with _autocast(device, dtype):
             return model(x, labels=x).loss
 
-    return model, batch, loss_fn, {"model": "hf_gpt2", "batch": B, "seq": T, **shape}
+    data = [torch.randint(0, cfg.vocab_size, (B, T), device=device) for _ in range(4)]
+    return Workload({"model": "hf_gpt2", "batch": B, "seq": T, **shape}, model, loss_fn, data)
 
 
-def _configs(with_wandb: bool) -> list[tuple[str, list[str] | None, int]]:
-    rows: list[tuple[str, list[str] | None, int]] = [("plain", None, 1)]
-    for every in (1, 10):
-        rows += [(name, [name], every) for name in DEFAULT]
-        rows.append(("default suite", "default", every))
+@dataclass(frozen=True)
+class Config:
+    name: str
+    kind: str  # plain | monitor | wandb | item | foreach
+    every: int = 1
+    probes: str | tuple[str, ...] = "default"
+
+
+def configs(with_wandb: bool) -> list[Config]:
+    rows = [Config("plain", "plain"), Config("default suite", "monitor", 1), Config("default suite", "monitor", 10)]
+    rows += [Config(f"{p} probe", "monitor", 1, (p,)) for p in DEFAULT]
     if with_wandb:
-        rows.append(("wandb.watch(log='all')", "wandb", 1))
+        rows += [Config("wandb.watch(log='all')", "wandb", f) for f in (1, 10)]
+    rows += [Config("per-param .item() norms", "item"), Config("torch._foreach_norm norms", "foreach")]
     return rows
 
 
-def _window(step: Callable[[], None], steps: int, sync: Callable[[], None]) -> float:
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - t0) / steps
+class Runner:
+    """Builds the step function of one configuration and cleans up after it."""
 
+    def __init__(self, w: Workload, device: str, wandb_run=None):
+        self.w, self.device, self.wandb_run = w, device, wandb_run
+        self.sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        self._i = 0
 
-def bench_workload(build, device: str, dtype: torch.dtype, repeats: int, steps: int, warmup: int,
-                   with_wandb: bool) -> dict:
-    """Median step time of every configuration on one workload (see module docstring)."""
-    torch.manual_seed(0)
-    model, batch, loss_fn, info = build(device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    data = [batch() for _ in range(4)]
-    configs = _configs(with_wandb)
-    times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
-    ratios: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    def _train(self) -> torch.Tensor:
+        w = self.w
+        self._i += 1
+        loss = w.loss_fn(w.data[self._i % len(w.data)])
+        loss.backward()
+        return loss
 
-    def run(mon, wandb_run=None):
-        it = iter(range(1 << 62))
+    def _finish(self) -> None:
+        self.w.opt.step()
+        self.w.opt.zero_grad(set_to_none=True)
 
-        def step():
-            loss = loss_fn(data[next(it) % len(data)])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if mon is not None:
+    def start(self, cfg: Config) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(step, stop) for ``cfg``; ``stop`` removes every hook it installed."""
+        w = self.w
+        if cfg.kind == "monitor":
+            mon = sl.Monitor(w.model, optimizer=w.opt, every=cfg.every, probes=cfg.probes
+                             if cfg.probes == "default" else list(cfg.probes))
+
+            def step():
+                loss = self._train()
+                self._finish()
                 mon.step(loss)
-            if wandb_run is not None:
-                wandb_run.log({"loss": loss.detach()})
-        return step
+            return step, mon.close
+        if cfg.kind == "wandb":
+            run = self.wandb_run
+            run.watch(w.model, log="all", log_freq=cfg.every)
 
-    for r in range(repeats + 1):  # round 0 is warm-up for every configuration
-        for i, (_, probes, every) in enumerate(configs):
-            mon, wb = None, None
-            if probes == "wandb":
-                import wandb
+            def step():
+                loss = self._train()
+                self._finish()
+                run.log({"loss": loss.item()})
+            return step, lambda: run.unwatch(w.model)
+        named = [(n, p) for n, p in w.model.named_parameters() if p.requires_grad]
+        if cfg.kind == "item":
+            def step():
+                self._train()
+                self.norms = {n: p.grad.norm().item() for n, p in named}
+                self._finish()
+        elif cfg.kind == "foreach":
+            def step():
+                self._train()
+                self.norms = torch.stack(torch._foreach_norm([p.grad for _, p in named])).cpu()
+                self._finish()
+        else:
+            def step():
+                self._train()
+                self._finish()
+        return step, lambda: None
 
-                wb = wandb.init(mode="offline", dir=tempfile.mkdtemp(), reinit="finish_previous")
-                wb.watch(model, log="all", log_freq=1)
-            elif probes is not None:
-                mon = sl.Monitor(model, optimizer=opt, every=every, probes=probes, keep_history=1)
-            step = run(mon, wb)
-            for _ in range(warmup if r == 0 else 0):
+    def window(self, cfg: Config, steps: int) -> tuple[float, float]:
+        """(CPU seconds per step incl. child processes, wall seconds per step) of one fresh window."""
+        step, stop = self.start(cfg)
+        try:
+            self.sync()
+            c0, t0 = _cpu_time(), time.perf_counter()
+            for _ in range(steps):
                 step()
-            t_plain = _window(run(None), steps, sync) if probes is not None else None
-            t = _window(step, steps, sync)
-            if r > 0:
-                times[i].append(t)
-                ratios[i].append(1.0 if t_plain is None else t / t_plain)
-            if mon is not None:
-                mon.close()
-            if wb is not None:
-                wb.unwatch(model)
-                wb.finish()
-    rows = [{"config": name, "every": every if probes is not None else None,
-             "step_ms": 1e3 * statistics.median(times[i]), "ratio": statistics.median(ratios[i]),
-             "windows_ms": [1e3 * t for t in times[i]], "window_ratios": ratios[i]}
-            for i, (name, probes, every) in enumerate(configs)]
-    return {**info, "dtype": str(dtype).removeprefix("torch."), "steps_per_window": steps, "repeats": repeats,
-            "rows": rows}
+            self.sync()
+            return (_cpu_time() - c0) / steps, (time.perf_counter() - t0) / steps
+        finally:
+            stop()
+
+    def peak_bytes(self, cfg: Config, steps: int = 3) -> int:
+        """Peak memory of ``steps`` steps of ``cfg`` (see the module docstring for the method)."""
+        step, stop = self.start(cfg)
+        try:
+            if self.device == "cuda":
+                self.sync()
+                torch.cuda.reset_peak_memory_stats()
+                for _ in range(steps):
+                    step()
+                self.sync()
+                return torch.cuda.max_memory_allocated()
+            from torch.profiler import ProfilerActivity, profile
+
+            state = _state_bytes(self.w)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                for _ in range(steps):
+                    step()
+            with tempfile.TemporaryDirectory() as d:
+                prof.export_chrome_trace(f"{d}/trace.json")
+                events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
+            live = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"
+                    and e["args"].get("Device Type") == 0]
+            return state + max([0, *live])
+        finally:
+            stop()
+
+
+def _cpu_time() -> float:
+    """CPU seconds of this process (all threads) and its live children (wandb's service process)."""
+    total = time.process_time()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _state_bytes(w: Workload) -> int:
+    """Bytes of the parameters, gradients and optimizer state tensors alive now (each storage once)."""
+    seen: dict[int, int] = {}
+    tensors = [t for p in w.model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [v for st in w.opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def _quantiles(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"ratio": q[1], "ratio_q25": q[0], "ratio_q75": q[2], "ratio_min": min(xs), "ratio_max": max(xs)}
+
+
+def bench_workload(w: Workload, device: str, cfgs: list[Config], repeats: int, steps: int, wandb_run) -> dict:
+    """Ratios and peak memory of every configuration on one workload (see the module docstring)."""
+    runner = Runner(w, device, wandb_run)
+    basis = 1 if device == "cuda" else 0  # index into (cpu, wall)
+    plain = cfgs[0]
+    for cfg in cfgs:  # warm-up: allocator, autograd graph, optimizer state, wandb hooks
+        runner.window(cfg, steps)
+    samples: dict[Config, list[tuple[float, float, float]]] = {c: [] for c in cfgs}
+    last_plain = runner.window(plain, steps)
+    for _ in range(repeats):
+        for cfg in cfgs:
+            ref = runner.window(plain, steps)
+            t = ref if cfg is plain else runner.window(cfg, steps)
+            base = last_plain if cfg is plain else ref
+            samples[cfg].append((t[0], t[1], t[basis] / base[basis]))
+            last_plain = ref
+    peak_plain = runner.peak_bytes(plain)
+    rows = []
+    for cfg in cfgs:
+        cpu, wall, ratio = zip(*samples[cfg])
+        peak = peak_plain if cfg is plain else runner.peak_bytes(cfg)
+        rows.append({"config": cfg.name, "every": cfg.every if cfg.kind in ("monitor", "wandb") else 1,
+                     "step_ms": 1e3 * statistics.median(wall if basis else cpu),
+                     "cpu_ms": 1e3 * statistics.median(cpu), "wall_ms": 1e3 * statistics.median(wall),
+                     **_quantiles(list(ratio)), "window_ratios": list(ratio),
+                     "peak_mb": peak / 2**20, "extra_peak_mb": (peak - peak_plain) / 2**20,
+                     "extra_peak_pct": 100.0 * (peak - peak_plain) / peak_plain})
+    return {**w.info, "steps_per_window": steps, "repeats": repeats, "rows": rows}
 
 
 def print_table(result: dict) -> None:
+    print(f"\n{result['machine']['device']}, {result['timing']}")
     for w in result["workloads"]:
-        print(f"\n{w['model']}  batch {w['batch']} x seq {w['seq']}  {w['dtype']}  "
-              f"({w['repeats']} windows x {w['steps_per_window']} steps, median)")
-        print(f"  {'config':<24}{'every':>6}{'step ms':>10}{'ratio':>8}")
+        print(f"\n{w['model']} ({w['n_params'] / 1e6:.2f}M params)  batch {w['batch']} x seq {w['seq']}  "
+              f"{result['dtype']}  ({w['repeats']} windows x {w['steps_per_window']} steps)")
+        print(f"  {'config':<28}{'every':>6}{'ms/step':>9}{'ratio':>8}{'IQR':>15}{'+peak mem':>11}")
         for r in w["rows"]:
-            every = "" if r["every"] is None else str(r["every"])
-            print(f"  {r['config']:<24}{every:>6}{r['step_ms']:>10.2f}{r['ratio']:>8.3f}")
+            iqr = f"{r['ratio_q25']:.3f}-{r['ratio_q75']:.3f}"
+            print(f"  {r['config']:<28}{r['every']:>6}{r['step_ms']:>9.2f}{r['ratio']:>8.3f}{iqr:>15}"
+                  f"{r['extra_peak_pct']:>10.1f}%")
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--quick", action="store_true", help="3 windows of 10 steps (default 7 of 20)")
-    ap.add_argument("--wandb", action="store_true", help="also time wandb.watch(log='all', log_freq=1), offline")
+    ap.add_argument("--models", default="proxy,gpt2", help="comma-separated: proxy, gpt2")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7; --quick 3)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per window, a multiple of 10 (default 20)")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 10-step windows")
+    ap.add_argument("--no-wandb", action="store_true", help="leave out the wandb.watch rows")
+    ap.add_argument("--threads", type=int, default=1, help="CPU: torch.set_num_threads (default 1)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default results/overhead_<device>.json)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available; use --device cpu")
-    os.environ.setdefault("WANDB_SILENT", "true")
-    repeats, steps, warmup = (3, 10, 3) if args.quick else (7, 20, 5)
+    repeats = args.repeats or (3 if args.quick else 7)
+    steps = args.steps or (10 if args.quick else 20)
+    if steps % 10:
+        ap.error(f"--steps {steps}: pass a multiple of 10 so every=10 logs the same share of every window")
+    builders = {"proxy": proxy, "gpt2": gpt2}
+    models = args.models.split(",")
+    if unknown := [m for m in models if m not in builders]:
+        ap.error(f"--models: unknown {unknown}; choose from {sorted(builders)}")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    workloads = [bench_workload(b, args.device, dtype, repeats, steps, warmup, args.wandb) for b in (_proxy, _gpt2)]
-    result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "workloads": workloads}
+    run = None
+    if not args.no_wandb:
+        import wandb
+
+        os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true",
+                          WANDB_DIR=os.environ.get("WANDB_DIR") or tempfile.mkdtemp(prefix="wandb-bench-"))
+        run = wandb.init(project="stabilitylab-overhead", mode="offline")
+    load0 = os.getloadavg()
+    cfgs = configs(run is not None)
+    try:
+        workloads = []
+        for name in models:
+            torch.manual_seed(0)
+            workloads.append(bench_workload(builders[name](args.device, dtype), args.device, cfgs, repeats,
+                                            steps, run))
+    finally:
+        if run is not None:
+            run.finish()
+    cpu_name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    result = {
+        "machine": {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_name}",
+                    "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "platform": platform.platform()},
+        "timing": ("wall time between cuda.synchronize()" if args.device == "cuda" else
+                   "CPU time of the process and its children (time per step, ratio to the paired plain window)"),
+        "memory": ("torch.cuda.max_memory_allocated" if args.device == "cuda" else
+                   "torch.profiler CPU allocator peak + parameter/gradient/optimizer-state bytes"),
+        "dtype": str(dtype).removeprefix("torch."), "loadavg_start_end": [load0, os.getloadavg()],
+        "workloads": workloads}
     print_table(result)
     out = args.out or RESULTS / f"overhead_{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -200,18 +200,50 @@ def lse_partials(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return lse.sum(), (lse * lse).sum(), n, z.amax()
 
 
-def lse_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lse_stats(logits: torch.Tensor, chunk_elements: int = ATTN_CHUNK_ELEMENTS) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, std, max) of log Z over all tokens; std is the unbiased sample std (torch.std).
 
-    Two-pass (centred) variance: log Z is large next to its spread, so sum(lse^2) - n*mean^2 would
-    lose most digits in float32. A single token gives std 0.
+    ``log Z = logsumexp(z)`` over the last dim, in float32 (float64 for float64 input). Token rows are
+    processed in chunks of at most ``chunk_elements`` elements, so the float32 copy of 16-bit logits and
+    the temporaries of ``logsumexp`` stay bounded whatever the batch x vocabulary size (a full float32
+    copy of GPT-2's 16 x 1024 x 50257 bf16 logits alone is 3.3 GB). Two-pass (centred) variance:
+    log Z is large next to its spread, so sum(lse^2) - n*mean^2 would lose most digits in float32. A
+    single token gives std 0.
     """
     z = logits.detach()
-    z = z.float() if z.dtype not in (torch.float32, torch.float64) else z
-    lse = torch.logsumexp(z, dim=-1).reshape(-1)
+    z = z.reshape(-1, z.shape[-1])
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    lses, maxes = [], []
+    for c in z.split(max(1, chunk_elements // max(1, z.shape[-1]))):
+        c = c.to(dtype)
+        lses.append(torch.logsumexp(c, dim=-1))
+        maxes.append(c.amax())
+    lse = torch.cat(lses) if len(lses) > 1 else lses[0]
     mean = lse.mean()
     var = (lse - mean).pow(2).sum() / max(lse.numel() - 1, 1)
-    return mean, var.sqrt(), z.amax()
+    mx = torch.stack(maxes).amax() if len(maxes) > 1 else maxes[0]
+    return mean, var.sqrt(), mx
+
+
+def nonfinite_counts(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Number of NaN/Inf elements of each tensor, ``(n,)`` (float64 for float64 inputs, else float32).
+
+    ``count_i = ||x_i * 0||_0``: ``x * 0`` is exactly 0 where ``x`` is finite and NaN elsewhere, and the
+    L0 norm counts the non-zero elements. Two ``torch._foreach_*`` calls for any number of tensors (a
+    per-tensor ``isfinite().sum()`` loop costs two kernels and a Python round trip per tensor); float32
+    counts are exact up to 2^24 non-finite elements per tensor. Integer tensors count 0.
+    """
+    out = torch.zeros(len(tensors), dtype=torch.float32, device=tensors[0].device if tensors else None)
+    idx = [i for i, t in enumerate(tensors) if t.is_floating_point() or t.is_complex()]
+    if not idx:
+        return out
+    ts = [tensors[i] for i in idx]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    counts = torch.stack(torch._foreach_norm(torch._foreach_mul(ts, 0.0), 0, dtype=dtype))
+    if len(idx) == len(tensors):
+        return counts
+    return out.to(dtype).index_copy(0, torch.tensor(idx, device=out.device), counts)
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -237,9 +269,9 @@ def kurtosis(h: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of the kurtosis across features, ``E[(h-mu)^4] / E[(h-mu)^2]^2``."""
     x = h.detach()
     x = x.float() if x.dtype not in (torch.float32, torch.float64) else x
-    c = x - x.mean(-1, keepdim=True)
-    m2 = c.pow(2).mean(-1)
-    m4 = c.pow(4).mean(-1)
+    c2 = (x - x.mean(-1, keepdim=True)).square_()  # one temporary, squared in place
+    m2 = c2.mean(-1)
+    m4 = c2.square_().mean(-1)
     return (m4 / m2.pow(2).clamp_min(1e-30)).mean()
 
 

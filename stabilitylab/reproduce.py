@@ -382,14 +382,15 @@ def analyse_adam_eps(runs: pd.DataFrame, history: pd.DataFrame, scale: Scale, at
         per = per.dropna()
         if len(per) >= 2:
             fit = fit_scaling(per, "n_params", "grad_rms", degree=1)
-            cross = fit.solve(1e-8)
+            cross = fit.solve(1e-8, x_range=(per["n_params"].min(), 1e30))
             lo, hi = fit.exponent_interval
             per["fit_exponent"] = fit.exponent
             tables["adam_eps_grad_rms"] = per
             findings.append(_finding(
                 "adam_eps", "gradient RMS falls as models grow (toward Adam's eps)",
                 f"median grad RMS {_fmt_sizes(list(per['size']), per['grad_rms'])}; power law exponent "
-                f"{fit.exponent:.3g} [{lo:.3g}, {hi:.3g}]; reaches eps=1e-8 at ~{cross['x']:.3g} parameters",
+                f"{fit.exponent:.3g} [{lo:.3g}, {hi:.3g}]; extrapolated to reach eps=1e-8 at ~{cross['x']:.3g} "
+                f"[{cross['lo']:.3g}, {cross['hi']:.3g}] parameters",
                 fit.exponent < 0))
     sens = _sens(runs)
     tables["adam_eps_sensitivity"] = sens
@@ -575,8 +576,9 @@ def reproduce(scale: str | Scale = "quick", out: str | Path | None = None, execu
 def _run_times(data: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
     """Mean wall time per run by size and variant over the distinct runs of every study (seconds)."""
     runs = pd.concat([r for r, _ in data.values()], ignore_index=True).drop_duplicates("run_id")
-    return runs.groupby(["n_params", "size"], as_index=False).agg(
-        runs=("run_id", "size"), mean_run_s=("wall_time", "mean"), total_s=("wall_time", "sum"))
+    return runs.groupby("size", as_index=False).agg(
+        n_params=("n_params", "min"), runs=("run_id", "size"), mean_run_s=("wall_time", "mean"),
+        total_s=("wall_time", "sum")).sort_values("n_params")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -84,12 +84,12 @@ class ActivationProbe(Probe):
 
     def observe(self, name: str, h: torch.Tensor) -> None:
         """Record the statistics of activation ``h`` (``(..., D)``) for module ``name``."""
-        h = h.detach()
-        tokens = float(h[..., 0].numel())
+        x = h.detach()
+        x = x.float() if x.dtype not in (torch.float32, torch.float64) else x  # cast 16-bit input once
+        tokens = float(x[..., 0].numel())
         if "rms" in self.stats:
-            x = h.float() if h.dtype not in (torch.float32, torch.float64) else h
-            self.record(M.ACT_RMS, name, x.pow(2).sum(), float(h.numel()))
+            self.record(M.ACT_RMS, name, torch.linalg.vector_norm(x).square(), float(x.numel()))
         if "batch_entropy" in self.stats and tokens > 1:
-            self.record(M.ACT_BATCH_ENTROPY, name, F.batch_entropy(h) * tokens, tokens)
+            self.record(M.ACT_BATCH_ENTROPY, name, F.batch_entropy(x) * tokens, tokens)
         if "kurtosis" in self.stats:
-            self.record(M.ACT_KURTOSIS, name, F.kurtosis(h) * tokens, tokens)
+            self.record(M.ACT_KURTOSIS, name, F.kurtosis(x) * tokens, tokens)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from stabilitylab import distributed as D
+from stabilitylab import functional as F
 from stabilitylab import metrics as M
 from stabilitylab.probes.base import Event, Probe
 
@@ -51,12 +52,15 @@ class HealthProbe(Probe):
         self._params = [p for p in self.model.parameters()]
         # Whole-model count under DDP / FSDP2: each rank's local count / replication sums to the true count.
         self._inv_rep = [1.0 / D.replication(p) for p in self._params]
+        self._inv_rep_t: torch.Tensor | None = None
 
     def _before_collect(self) -> None:
         if self.check_params and self._params:
             local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in self._params]
-            counts = torch.stack([(~torch.isfinite(p)).sum() for p in local]).double()
-            cnt = (counts * torch.tensor(self._inv_rep, dtype=counts.dtype, device=counts.device)).sum()
+            counts = F.nonfinite_counts(local).double()
+            if self._inv_rep_t is None or self._inv_rep_t.device != counts.device:
+                self._inv_rep_t = torch.tensor(self._inv_rep, dtype=torch.float64, device=counts.device)
+            cnt = (counts * self._inv_rep_t).sum()
             self.record(M.HEALTH_NONFINITE, "param", cnt, 1.0)
 
     def on_host(self, step: int, values: dict[tuple[str, str], float]):

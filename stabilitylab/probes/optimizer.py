@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from stabilitylab import distributed as D
+from stabilitylab import functional as F
 from stabilitylab import metrics as M
 from stabilitylab.probes.base import Probe
 
@@ -74,6 +75,7 @@ class OptimizerProbe(Probe):
         self._grad_sq: torch.Tensor | None = None
         self._grad_nonfinite: torch.Tensor | None = None
         self._before: list[torch.Tensor] | None = None
+        self._consts: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def _attach(self) -> None:
         if self.optimizer is None:
@@ -98,6 +100,7 @@ class OptimizerProbe(Probe):
     def _detach(self) -> None:
         self._disarm_grad_hooks()
         self._params, self._names = [], []
+        self._consts = {}
         self._before = None
         self._grad_sq = None
 
@@ -138,19 +141,30 @@ class OptimizerProbe(Probe):
         if not idx:
             return None, None
         grads = [_local(self._params[i].grad) for i in idx]
-        norms = torch._foreach_norm(grads)
-        sq = torch.zeros(len(self._params), dtype=torch.float32, device=grads[0].device)
-        sq[torch.tensor(idx, device=sq.device)] = torch.stack(norms).float().pow(2)
-        inv_rep = torch.tensor([self._inv_rep[i] for i in idx], dtype=torch.float64, device=sq.device)
-        nonfinite = (torch.stack([(~torch.isfinite(g)).sum() for g in grads]).double() * inv_rep).sum()
-        return sq, nonfinite
+        sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
+        counts = F.nonfinite_counts(grads).double()
+        inv_rep = self._per_tensor_const("inv_rep", sq.device)
+        if len(idx) < len(self._params):
+            at = torch.tensor(idx, device=sq.device)
+            sq = torch.zeros(len(self._params), dtype=sq.dtype, device=sq.device).index_copy(0, at, sq)
+            inv_rep = inv_rep[at]
+        return sq, (counts * inv_rep).sum()
+
+    def _per_tensor_const(self, name: str, device: torch.device) -> torch.Tensor:
+        """``numel`` (float32) or ``inv_rep`` (float64) of every tracked tensor, built once per device."""
+        key = (name, device)
+        if key not in self._consts:
+            values = self._inv_rep if name == "inv_rep" else [float(_local(p).numel()) for p in self._params]
+            self._consts[key] = torch.tensor(values, device=device,
+                                             dtype=torch.float64 if name == "inv_rep" else torch.float32)
+        return self._consts[key]
 
     # ------------------------------------------------------------------ step hooks
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.armed:
             return
         params = [_local(p.detach()) for p in self._params]
-        self._before = torch._foreach_mul(params, 1.0) if params else []
+        self._before = torch._foreach_clone(params) if params else []
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if not self.armed or self._before is None or not self._params:
@@ -160,7 +174,7 @@ class OptimizerProbe(Probe):
             self._grad_sq, self._grad_nonfinite = self._grad_stats()
         params = [_local(p.detach()) for p in self._params]
         dev = params[0].device
-        numel = torch.tensor([float(p.numel()) for p in params], device=dev)
+        numel = self._per_tensor_const("numel", dev)
         p_sq = torch.stack(torch._foreach_norm(params)).float().pow(2)
         before_norm = torch.stack(torch._foreach_norm(self._before)).float()
         upd = torch._foreach_sub(params, self._before)
@@ -174,7 +188,7 @@ class OptimizerProbe(Probe):
         if self._grad_sq is not None:
             if self.per_tensor:
                 self.record_many(M.GRAD_RMS, names, self._grad_sq, numel)
-            inv_rep = torch.tensor(self._inv_rep, dtype=torch.float64, device=dev)
+            inv_rep = self._per_tensor_const("inv_rep", dev)
             self.record(M.GRAD_GLOBAL_NORM, "", (self._grad_sq.double() * inv_rep).sum(), self._inv_world)
             self.record(M.HEALTH_NONFINITE, "grad", self._grad_nonfinite, 1.0)
         self._grad_sq = None
@@ -182,38 +196,42 @@ class OptimizerProbe(Probe):
         self._adam_stats()
 
     def _adam_stats(self) -> None:
-        """eps dominance and v_hat RMS for Adam-family optimizers (state 'exp_avg_sq')."""
-        names, counts, sums, numels = [], [], [], []
-        group_of = {}
-        for g in self.optimizer.param_groups:
-            for p in g["params"]:
-                group_of[id(p)] = g
+        """eps dominance and v_hat RMS for Adam-family optimizers (state 'exp_avg_sq').
+
+        Per tensor with ``b = 1 - beta2^t``: ``sqrt(v / b) < eps`` is tested as ``v < eps^2 b`` and
+        ``sum(v_hat) = sum(v) / b``. ``b`` is a Python float when the step count lives on the CPU
+        (torch.optim's default), so only the two reductions per tensor touch the device.
+        """
+        group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        names, counts, sums, bc2s, numels = [], [], [], [], []
         for name, p in zip(self._names, self._params):
             st = self.optimizer.state.get(p)
             if not st or "exp_avg_sq" not in st:
                 continue
             g = group_of[id(p)]
-            beta2 = g.get("betas", (0.9, 0.999))[1]
             step = st.get("step", 1)
-            step = step.float() if isinstance(step, torch.Tensor) else float(step)
-            bc2 = 1 - beta2 ** step
+            if isinstance(step, torch.Tensor):
+                step = float(step) if step.device.type == "cpu" else step.float()
+            bc2 = 1 - g.get("betas", (0.9, 0.999))[1] ** step
             v = _local(st["exp_avg_sq"])
             eps = g.get("eps")
-            if eps is not None:
-                counts.append((v < (eps * eps) * bc2).sum().float())
-            else:
-                counts.append(None)
-            sums.append(v.float().sum() / bc2)
+            counts.append(None if eps is None else (v < (eps * eps) * bc2).sum())
+            sums.append(v.sum(dtype=torch.float32))
+            bc2s.append(bc2)
             names.append(name)
             numels.append(float(v.numel()))
         if not names:
             return
         dev = sums[0].device
+        if all(isinstance(b, float) for b in bc2s):
+            bc2 = torch.tensor(bc2s, device=dev)
+        else:
+            bc2 = torch.stack([torch.as_tensor(b, dtype=torch.float32, device=dev) for b in bc2s])
         numel = torch.tensor(numels, device=dev)
-        self.record_many(M.ADAM_V_RMS, tuple(names), torch.stack(sums), numel)
+        self.record_many(M.ADAM_V_RMS, tuple(names), torch.stack(sums) / bc2, numel)
         have = [i for i, c in enumerate(counts) if c is not None]
         if have:
-            c = torch.stack([counts[i] for i in have])
+            c = torch.stack([counts[i] for i in have]).float()
             n = numel[have]
             if self.per_tensor:
                 self.record_many(M.ADAM_EPS_DOMINANCE, tuple(names[i] for i in have), c, n)
