@@ -135,18 +135,20 @@ def attention_stats(
         if is_causal:
             causal = torch.ones(i1 - i0, kend, dtype=torch.bool, device=q.device).tril(diagonal=i0)
             allowed = causal if allowed is None else allowed & causal
-        if allowed is not None:
-            s = s.masked_fill(~allowed, -math.inf)
+        forbidden = None if allowed is None else ~allowed
+        if forbidden is not None:
+            s = s.masked_fill(forbidden, -math.inf)
         row_max = s.amax(dim=-1)  # (B, H, c); -inf for rows with no allowed key
         head_max = torch.maximum(head_max, row_max.amax(dim=(0, 2)))
-        valid = torch.isfinite(row_max) | torch.isnan(row_max)
+        valid = ~torch.isinf(row_max)  # finite or NaN (NaN propagates into the result)
         # Entropy from scores shifted by the row max, z = s - max <= 0, so H = lse(z) - sum p z loses no
-        # precision to large logits: the regime the probe watches.
+        # precision to large logits: the regime the probe watches. With max(z) = 0 a row's
+        # sum(exp(z)) lies in [1, Tk], so lse(z) = log(sum e) and p = e / sum e need no second shift.
         z = s - torch.where(valid, row_max, 0.0).unsqueeze(-1)
-        lse = torch.logsumexp(z, dim=-1)
-        p = torch.exp(z - lse.unsqueeze(-1))
-        z_finite = z if allowed is None else z.masked_fill(~allowed, 0.0)
-        ent = lse - (p * z_finite).sum(-1)
+        e = torch.exp(z)
+        e_sum = e.sum(-1)
+        ez = e.mul_(z if forbidden is None else z.masked_fill_(forbidden, 0.0)).sum(-1)
+        ent = torch.log(e_sum) - ez / e_sum
         entropy_sum = entropy_sum + torch.where(valid, ent, 0.0).sum(dim=(0, 2))
         rows = rows + valid.to(dtype).sum(dim=(0, 2))
     return AttentionStats(head_max, entropy_sum, rows)

@@ -149,21 +149,22 @@ def test_optimizer_probe_fast_paths_match_per_tensor_references(tiny_model, tiny
 
 
 def test_grad_stats_with_some_parameters_without_gradients(tiny_model, tiny_batch):
-    """Frozen-by-usage tensors (grad None) keep their positions: zeros, and no count."""
+    """A tensor the loss never uses (grad None) keeps its position: grad.rms 0, global norm without it."""
     model = tiny_model
     x, y = tiny_batch
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    unused = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([*model.parameters(), unused], lr=0.1)
     mon = sl.Monitor(model, optimizer=opt, every=1, probes=["optimizer"])
     _, loss = model(x, y)
     loss.backward()
-    unused = [n for n, p in model.named_parameters()][-1]
-    model.get_parameter(unused).grad = None
-    grads = {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+    assert unused.grad is None
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
     opt.step()
     vals = mon.step(loss)
     for n, gr in grads.items():
         assert vals[(M.GRAD_RMS, n)] == pytest.approx(gr.pow(2).mean().sqrt().item(), rel=1e-5)
-    assert vals[(M.GRAD_RMS, unused)] == 0.0
+    assert vals[(M.GRAD_RMS, f"group0.param{len(grads)}")] == 0.0
     assert vals[(M.GRAD_GLOBAL_NORM, "")] == pytest.approx(
         math.sqrt(sum(gr.pow(2).sum().item() for gr in grads.values())), rel=1e-5)
+    assert vals[(M.HEALTH_NONFINITE, "grad")] == 0.0
     mon.close()

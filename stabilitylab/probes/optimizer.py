@@ -199,39 +199,37 @@ class OptimizerProbe(Probe):
         """eps dominance and v_hat RMS for Adam-family optimizers (state 'exp_avg_sq').
 
         Per tensor with ``b = 1 - beta2^t``: ``sqrt(v / b) < eps`` is tested as ``v < eps^2 b`` and
-        ``sum(v_hat) = sum(v) / b``. ``b`` is a Python float when the step count lives on the CPU
-        (torch.optim's default), so only the two reductions per tensor touch the device.
+        ``sum(v_hat) = sum(v) / b``. The ``b`` of all tensors come from one vector op over the stacked step
+        counts (no per-tensor host reads), so each tensor costs two reductions.
         """
         group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
-        names, counts, sums, bc2s, numels = [], [], [], [], []
+        names, vs, steps, beta2s, eps2s = [], [], [], [], []
         for name, p in zip(self._names, self._params):
             st = self.optimizer.state.get(p)
             if not st or "exp_avg_sq" not in st:
                 continue
             g = group_of[id(p)]
-            step = st.get("step", 1)
-            if isinstance(step, torch.Tensor):
-                step = float(step) if step.device.type == "cpu" else step.float()
-            bc2 = 1 - g.get("betas", (0.9, 0.999))[1] ** step
-            v = _local(st["exp_avg_sq"])
-            eps = g.get("eps")
-            counts.append(None if eps is None else (v < (eps * eps) * bc2).sum())
-            sums.append(v.sum(dtype=torch.float32))
-            bc2s.append(bc2)
             names.append(name)
-            numels.append(float(v.numel()))
+            vs.append(_local(st["exp_avg_sq"]))
+            steps.append(st.get("step", 1))
+            beta2s.append(g.get("betas", (0.9, 0.999))[1])
+            eps2s.append(None if g.get("eps") is None else g["eps"] ** 2)
         if not names:
             return
-        dev = sums[0].device
-        if all(isinstance(b, float) for b in bc2s):
-            bc2 = torch.tensor(bc2s, device=dev)
+        dev = vs[0].device
+        if all(isinstance(t, torch.Tensor) for t in steps) and len({t.device for t in steps}) == 1:
+            step = torch.stack(steps).double()
         else:
-            bc2 = torch.stack([torch.as_tensor(b, dtype=torch.float32, device=dev) for b in bc2s])
-        numel = torch.tensor(numels, device=dev)
-        self.record_many(M.ADAM_V_RMS, tuple(names), torch.stack(sums) / bc2, numel)
-        have = [i for i, c in enumerate(counts) if c is not None]
+            step = torch.stack([torch.as_tensor(t, dtype=torch.float64, device=dev) for t in steps])
+        bc2 = 1 - torch.tensor(beta2s, dtype=torch.float64, device=step.device) ** step
+        thr = torch.tensor([e or 0.0 for e in eps2s], dtype=torch.float64, device=step.device) * bc2
+        have = [i for i, e in enumerate(eps2s) if e is not None]
+        counts = [(vs[i] < thr[i]).sum() for i in have]
+        sums = torch.stack([v.sum(dtype=torch.float32) for v in vs])
+        numel = torch.tensor([float(v.numel()) for v in vs], device=dev)
+        self.record_many(M.ADAM_V_RMS, tuple(names), sums / bc2.to(dev, torch.float32), numel)
         if have:
-            c = torch.stack([counts[i] for i in have]).float()
+            c = torch.stack(counts).float()
             n = numel[have]
             if self.per_tensor:
                 self.record_many(M.ADAM_EPS_DOMINANCE, tuple(names[i] for i in have), c, n)
