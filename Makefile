@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
 # TORCH is installed before the package so pip never pulls another build: override it for CUDA, e.g.
-#   make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" demo
+#   make TORCH="torch==2.13.0 --index-url <your CUDA wheel index>" demo
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stabilitylab-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench gallery lint clean
+.PHONY: demo test test-fast install bench gallery reproduce lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/stabilitylab demo --out runs/demo
 
+# Fast suite first, then the long (`slow`) tests, which CI runs as well.
 test: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+reproduce: $(STAMP)
+	$(BIN)/stabilitylab reproduce --scale quick
+
+gallery: $(STAMP)
+	$(BIN)/python scripts/make_gallery.py --out docs/gallery
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

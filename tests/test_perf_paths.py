@@ -168,3 +168,28 @@ def test_grad_stats_with_some_parameters_without_gradients(tiny_model, tiny_batc
         math.sqrt(sum(gr.pow(2).sum().item() for gr in grads.values())), rel=1e-5)
     assert vals[(M.HEALTH_NONFINITE, "grad")] == 0.0
     mon.close()
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_writes_every_configuration_with_ratios_and_memory(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "overhead.py"
+    spec = importlib.util.spec_from_file_location("overhead_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "overhead_bench", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "o.json"
+    bench.main(["--device", "cpu", "--models", "proxy", "--repeats", "2", "--steps", "10", "--no-wandb",
+                "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["workloads"][0]["rows"]
+    assert [(r["config"], r["every"]) for r in rows] == [(c.name, c.every) for c in bench.configs(False)]
+    for r in rows:
+        assert len(r["window_ratios"]) == 2 and r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+        assert r["peak_mb"] > 0 and math.isfinite(r["extra_peak_pct"])
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "15", "--out", str(out)])
