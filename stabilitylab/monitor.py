@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -148,7 +149,8 @@ class Monitor:
         self._guards = [_Guarded(s) for s in targets]
         self._per_rank: torch.Tensor | None = None
         self.eager_logged_steps = eager_logged_steps
-        self._saved_stance = None
+        if eager_logged_steps:
+            weakref.finalize(self, _EAGER.release, id(self))  # an abandoned Monitor restores the stance
         self.probes = self._build(probes)
         self._closed = False
         self._t0 = time.time()
@@ -193,14 +195,8 @@ class Monitor:
 
     def _force_eager(self, on: bool) -> None:
         """Make compiled code run eagerly while probes are armed (see ``eager_logged_steps``)."""
-        from torch._dynamo import eval_frame
-
         try:
-            if on and self._saved_stance is None:
-                self._saved_stance = eval_frame._set_stance(eval_frame.DynamoStance("force_eager"))
-            elif not on and self._saved_stance is not None:
-                eval_frame._set_stance(self._saved_stance)
-                self._saved_stance = None
+            _EAGER.hold(self) if on else _EAGER.release(id(self))
         except RuntimeError as e:  # Monitor.step called inside a compiled region
             self.eager_logged_steps = False
             warnings.warn(f"stabilitylab: cannot switch torch.compile to eager on logged steps ({e}); call "
@@ -361,6 +357,42 @@ def _broadcast_run_id(run_id: str | None) -> str:
     box = [run_id or uuid.uuid4().hex[:8]]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class _EagerStance:
+    """Reference-counted ``force_eager`` compile stance shared by all armed Monitors.
+
+    The stance is global, so it is switched on when the first Monitor arms and the previous stance is
+    restored when the last one disarms, closes or is garbage-collected (an abandoned Monitor never leaves
+    compiled code running eagerly).
+    """
+
+    def __init__(self) -> None:
+        self.holders: set[int] = set()
+        self.saved = None
+
+    def hold(self, monitor: Monitor) -> None:
+        from torch._dynamo import eval_frame
+
+        key = id(monitor)
+        if key in self.holders:
+            return
+        if not self.holders:
+            self.saved = eval_frame._set_stance(eval_frame.DynamoStance("force_eager"))
+        self.holders.add(key)
+
+    def release(self, key: int) -> None:
+        if key not in self.holders:
+            return
+        self.holders.discard(key)
+        if not self.holders and self.saved is not None:
+            from torch._dynamo import eval_frame
+
+            eval_frame._set_stance(self.saved)
+            self.saved = None
+
+
+_EAGER = _EagerStance()
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

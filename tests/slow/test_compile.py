@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -47,6 +48,7 @@ def _train(model, call, every, attach_after_compile, batches):
 
 @pytest.mark.parametrize("attach_after_compile", [True, False])
 def test_compiled_model_records_every_metric_without_recompiling(attach_after_compile):
+    gc.collect()  # Monitors dropped by earlier tests release the eager stance when collected
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
