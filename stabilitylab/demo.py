@@ -77,7 +77,12 @@ def _cmd(args: argparse.Namespace) -> int:
     lrs = tuple(float(x) for x in args.lrs.split(","))
     runs, history = run_demo(out, sizes=sizes, lrs=lrs, steps=args.steps, every=args.every, seed=args.seed)
     print(summarise(runs, history, out))
-    print(f"\nDemo finished in {time.time() - t0:.0f} s. Report directory: {out.resolve()}")
+    from stabilitylab.report import write_report
+
+    html, md = write_report(out, out / "report")
+    print(f"\nDemo finished in {time.time() - t0:.0f} s.")
+    print(f"Report: {Path(html).resolve()} (markdown: {Path(md).resolve()})")
+    print(f"Next:   stabilitylab analyze {out}    |    stabilitylab reproduce --scale quick")
     return 0
 
 
