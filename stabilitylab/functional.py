@@ -190,18 +190,6 @@ def materialised_attention_stats(
     return s[valid].max(), ent.mean()
 
 
-def lse_partials(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Partial sums of log Z over tokens: (sum lse, sum lse^2, n tokens, max logit).
-
-    ``log Z = logsumexp(logits, -1)`` per token, in float32 (float64 if the input is).
-    """
-    z = logits.detach()
-    z = z.float() if z.dtype not in (torch.float32, torch.float64) else z
-    lse = torch.logsumexp(z, dim=-1).reshape(-1)
-    n = torch.tensor(float(lse.numel()), dtype=z.dtype, device=z.device)
-    return lse.sum(), (lse * lse).sum(), n, z.amax()
-
-
 def lse_stats(logits: torch.Tensor, chunk_elements: int = ATTN_CHUNK_ELEMENTS) -> tuple[
         torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean, std, max) of log Z over all tokens; std is the unbiased sample std (torch.std).

@@ -158,7 +158,7 @@ class Monitor:
                     "n_params": sum(p.numel() for p in model.parameters()), **self.config}
         for g in self._guards:
             g._call(g.sink.open, self.run_id, settings)
-        self._arm(self._logged(self.step_count))
+        self.arm(self._logged(self.step_count))
 
     # ------------------------------------------------------------------ construction
     def _build(self, spec) -> list[Probe]:
@@ -187,7 +187,9 @@ class Monitor:
         """True when the step in progress will be logged (probes are armed)."""
         return self._logged(self.step_count)
 
-    def _arm(self, armed: bool) -> None:
+    def arm(self, armed: bool) -> None:
+        """Arm (or disarm) every probe by hand. ``step()`` does this on its own; integrations call it
+        to keep probes off during evaluation forwards that fall between a logged step's micro-batches."""
         for p in self.probes:
             p.guard(p.arm)(armed)
         if self.eager_logged_steps:
@@ -222,7 +224,7 @@ class Monitor:
         if self._logged(step):
             out = self._log_step(step, loss)
         self.step_count += 1
-        self._arm(self._logged(self.step_count))
+        self.arm(self._logged(self.step_count))
         return out
 
     def _gather(self, loss) -> list[Block]:

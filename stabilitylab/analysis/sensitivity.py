@@ -71,7 +71,7 @@ def lr_sensitivity(runs: pd.DataFrame, by: tuple[str, ...] | list[str] | None = 
         best = int(np.argmin(Lc))
         key = key if isinstance(key, tuple) else (key,)
         rows.append({**dict(zip(by, key)),
-                     "lr_sensitivity": float(np.mean(Lc - Lc.min())),
+                     "lr_sensitivity": lr_sensitivity_curve(Lc, per_lr["L0"].to_numpy()),
                      "best_loss": float(Lc[best]), "best_lr": float(per_lr.index[best]),
                      "lr_min": float(per_lr.index.min()), "lr_max": float(per_lr.index.max()),
                      "n_lrs": len(per_lr), "n_diverged": int(per_lr["div"].sum())})

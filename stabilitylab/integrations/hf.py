@@ -106,7 +106,7 @@ class StabilityCallback(TrainerCallback):
     # ------------------------------------------------------------------ helpers
     def _set_armed(self, armed: bool) -> None:
         self._armed = armed
-        self.monitor._arm(armed)
+        self.monitor.arm(armed)
 
     def _release(self) -> None:
         if self._loss_hook is not None:

@@ -114,7 +114,7 @@ class StabilityCallback(pl.Callback):
         self.monitor = Monitor(monitored_module(pl_module, self.module), optimizer=optimizer, every=self.every,
                                probes=self.probes, sinks=self._sinks(trainer), run_id=self.run_id,
                                start_step=trainer.global_step + 1, config=config, **self.monitor_kwargs)
-        self.monitor._arm(False)
+        self.monitor.arm(False)
         self._seen_step = trainer.global_step
         self._loss = None
 
@@ -123,7 +123,7 @@ class StabilityCallback(pl.Callback):
         """Arm the probes for this micro-batch when the optimizer step it belongs to is logged."""
         if self.monitor is not None:
             self.monitor.step_count = trainer.global_step + 1
-            self.monitor._arm(self.monitor.logging_now)
+            self.monitor.arm(self.monitor.logging_now)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -139,7 +139,7 @@ class StabilityCallback(pl.Callback):
             self._seen_step = trainer.global_step
             self.monitor.step(self._loss)
             self._loss = None
-        self.monitor._arm(False)
+        self.monitor.arm(False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Flush and close the Monitor's sinks and remove its hooks; ``monitor.history()`` stays."""

@@ -237,7 +237,7 @@ class QKClip:
         if self._own:
             self.probe.collect()
         # A Monitor moves the step's maxima into head_max at its step(); before that they are pending.
-        latest = {**self.probe.head_max, **getattr(self.probe, "_step_head_max", {})}
+        latest = self.probe.latest_head_max()
         return {n: t for n, t in latest.items() if self._used.get(n) is not t}
 
     @torch.no_grad()

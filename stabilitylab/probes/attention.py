@@ -120,6 +120,11 @@ class AttentionProbe(Probe):
         old = self._step_head_max.get(name)
         self._step_head_max[name] = st.head_max if old is None else torch.maximum(old, st.head_max)
 
+    def latest_head_max(self) -> dict[str, torch.Tensor]:
+        """Per-head max logits of the most recent attention calls: this step's if it recorded any, else
+        the last logged step's (``head_max``). Device tensors, no host sync (QK-clip reads them)."""
+        return {**self.head_max, **self._step_head_max}
+
     def _before_collect(self) -> None:
         if self._step_head_max:
             self.head_max = self._step_head_max
