@@ -28,6 +28,7 @@ import torch
 
 from stabilitylab import distributed as D
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 from stabilitylab.probes import build_probes
 from stabilitylab.probes.attention import AttentionProbe
 from stabilitylab.probes.base import Block, Event, Probe
@@ -97,9 +98,9 @@ class Monitor:
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor(model=...): expected a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not int_at_least(every, 1):
             raise ValueError(f"Monitor(every={every!r}): must be an int >= 1 (1 logs every step)")
-        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+        if not int_at_least(start_step, 0):
             raise ValueError(f"Monitor(start_step={start_step!r}): must be an int >= 0")
         if sinks is None:
             sinks = []

@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 from stabilitylab.probes.base import Event, Probe
 from stabilitylab.sinks.parquet import atomic_write_parquet
 
@@ -145,7 +146,7 @@ class EarlyWarning(Probe):
         for name, v, lo in (("warmup", warmup, 3), ("window", window, 3), ("votes", votes, 1),
                             ("min_metrics", min_metrics, 1),
                             ("snapshot_steps", snapshot_steps, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not int_at_least(v, lo):
                 raise ValueError(f"EarlyWarning({name}={v!r}): must be an int >= {lo}")
         if votes > len(DETECTORS):
             raise ValueError(f"EarlyWarning(votes={votes}): at most {len(DETECTORS)} detectors can vote")

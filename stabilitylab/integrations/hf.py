@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from stabilitylab._checks import int_at_least
 from stabilitylab.monitor import Monitor
 from stabilitylab.probes.base import Probe
 from stabilitylab.sinks.base import Sink
@@ -47,7 +48,7 @@ class StabilityCallback(TrainerCallback):
     def __init__(self, every: int = 10, sinks: Sequence[Sink] | None = None,
                  probes: str | Sequence[str | Probe] = "default", run_id: str | None = None,
                  config: dict[str, Any] | None = None, **monitor_kwargs: Any):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not int_at_least(every, 1):
             raise ValueError(f"StabilityCallback(every={every!r}): must be an int >= 1 (1 logs every step)")
         self.every = every
         self.sinks = sinks

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - the older package name
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import WandbLogger
 
+from stabilitylab._checks import int_at_least
 from stabilitylab.monitor import Monitor
 from stabilitylab.probes.base import Probe
 from stabilitylab.sinks.base import Sink
@@ -77,7 +78,7 @@ class StabilityCallback(pl.Callback):
     def __init__(self, every: int = 10, sinks: Sequence[Sink] | None = None,
                  probes: str | Sequence[str | Probe] = "default", module: str | None = None,
                  run_id: str | None = None, config: dict[str, Any] | None = None, **monitor_kwargs: Any):
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        if not int_at_least(every, 1):
             raise ValueError(f"StabilityCallback(every={every!r}): must be an int >= 1 (1 logs every step)")
         self.every = every
         self.sinks = sinks

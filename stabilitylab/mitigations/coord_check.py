@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 
 
 def _loss_of(output: Any) -> torch.Tensor:
@@ -94,9 +95,9 @@ def coord_check(
     from stabilitylab.probes.activations import ActivationProbe
 
     widths = list(widths)
-    if len(widths) < 2 or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+    if len(widths) < 2 or any(not int_at_least(w, 1) for w in widths):
         raise ValueError(f"coord_check(widths={widths!r}): need at least two positive int widths")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not int_at_least(steps, 1):
         raise ValueError(f"coord_check(steps={steps!r}): must be an int >= 1")
     frames = []
     for seed in seeds:

@@ -20,15 +20,17 @@ import math
 
 import torch
 
+from stabilitylab._checks import int_at_least
+
 
 def _warmup(step: int, warmup: int) -> float | None:
     return (step + 1) / warmup if warmup > 0 and step < warmup else None
 
 
 def _check(name: str, warmup: int, total: int | None = None, floor: float = 0.0) -> None:
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+    if not int_at_least(warmup, 0):
         raise ValueError(f"{name}(warmup={warmup!r}): must be an int >= 0")
-    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+    if total is not None and not int_at_least(total, 1):
         raise ValueError(f"{name}(total={total!r}): must be an int >= 1 (the number of optimizer steps)")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"{name}(floor={floor!r}): must be in [0, 1] (a fraction of the peak LR)")
@@ -102,7 +104,7 @@ def wsd(optimizer: torch.optim.Optimizer, warmup: int, total: int, decay: int | 
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"wsd(decay={decay!r}): a float is a fraction of total, must be in (0, 1]")
         decay = max(1, round(decay * total))
-    if isinstance(decay, bool) or not isinstance(decay, int) or decay < 0 or warmup + decay > total:
+    if not int_at_least(decay, 0) or warmup + decay > total:
         raise ValueError(f"wsd(decay={decay!r}): need an int >= 0 with warmup + decay <= total "
                          f"(warmup={warmup}, total={total})")
     if shape not in _DECAY_SHAPES:

@@ -30,6 +30,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 from stabilitylab.adapters import generic
 from stabilitylab.probes.base import Probe
 from stabilitylab.probes.optimizer import unwrap_optimizer
@@ -117,7 +118,7 @@ class SharpnessProbe(Probe):
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"SharpnessProbe(loss_fn={loss_fn!r}): pass a callable returning the scalar loss")
         for name, v in (("every", every), ("iters", iters)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not int_at_least(v, 1):
                 raise ValueError(f"SharpnessProbe({name}={v!r}): must be an int >= 1")
         self.loss_fn = loss_fn
         self.every = every

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stabilitylab._checks import int_at_least
 from stabilitylab.adapters.generic import record_qk
 from stabilitylab.mitigations.qk_layernorm import QKLayerNorm
 from stabilitylab.mitigations.softcap import softcap
@@ -64,7 +65,7 @@ class ProxyConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "head_dim", "mlp_ratio", "mup_base_width"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not int_at_least(v, 1):
                 raise ValueError(f"ProxyConfig({name}={v!r}): must be a positive int")
         if self.d_model % self.head_dim:
             raise ValueError(f"ProxyConfig: d_model={self.d_model} is not a multiple of head_dim={self.head_dim}")

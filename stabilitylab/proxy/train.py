@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from stabilitylab._checks import int_at_least
 from stabilitylab.mitigations.schedules import warmup_cosine
 from stabilitylab.proxy.data import ByteData
 from stabilitylab.proxy.model import ProxyConfig, ProxyTransformer
@@ -72,7 +73,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig(lr={self.lr!r}): must be a positive finite number")
         for name in ("steps", "batch_size", "eval_batches", "check_every"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if not int_at_least(v, 1):
                 raise ValueError(f"TrainConfig({name}={v!r}): must be a positive int")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"TrainConfig(warmup_steps={self.warmup_steps!r}): must be an int >= 0")

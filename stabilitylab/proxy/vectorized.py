@@ -43,6 +43,7 @@ from torch.func import stack_module_state
 
 from stabilitylab import functional as SF
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 from stabilitylab.mitigations.schedules import warmup_cosine_factor
 from stabilitylab.mitigations.softcap import softcap
 from stabilitylab.mitigations.z_loss import z_loss
@@ -98,8 +99,7 @@ def _check(configs: Sequence[TrainConfig], monitor_every: int | None, run_ids: S
                 raise ValueError(f"train_many: configs[{i}].{name}={v!r} differs from configs[0].{name}="
                                  f"{ref[name]!r}; members may differ only in {' and '.join(VARYING)} (split "
                                  "the list with group_compatible(configs) and call train_many per group)")
-    if monitor_every is not None and (isinstance(monitor_every, bool) or not isinstance(monitor_every, int)
-                                      or monitor_every < 1):
+    if monitor_every is not None and not int_at_least(monitor_every, 1):
         raise ValueError(f"train_many(monitor_every={monitor_every!r}): pass an int >= 1, or None for no monitoring")
     if run_ids is not None and (len(run_ids) != len(configs) or not all(isinstance(r, str) for r in run_ids)):
         raise ValueError(f"train_many(run_ids=...): need {len(configs)} strings (one per config), got {run_ids!r}")

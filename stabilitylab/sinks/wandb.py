@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 from stabilitylab.probes.base import Event
 from stabilitylab.sinks.base import Records, Sink
 
@@ -90,8 +91,7 @@ class WandB(Sink):
                  name: str | None = None, max_modules: int | None = 128, alerts: bool = True,
                  **init_kwargs: Any):
         _require_wandb("sinks.WandB")
-        if max_modules is not None and (isinstance(max_modules, bool) or not isinstance(max_modules, int)
-                                        or max_modules < 0):
+        if max_modules is not None and not int_at_least(max_modules, 0):
             raise ValueError(f"WandB(max_modules={max_modules!r}): pass an int >= 0 or None (no limit)")
         if run is not None and not callable(getattr(run, "log", None)):
             raise TypeError(f"WandB(run=...): expected a wandb run (wandb.init() / wandb.run), got "

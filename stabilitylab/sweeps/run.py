@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from stabilitylab._checks import int_at_least
 from stabilitylab.sweeps.executors import EXECUTORS
 from stabilitylab.sweeps.runner import TrainFn
 from stabilitylab.sweeps.spec import SweepSpec
@@ -64,7 +65,7 @@ def sweep(spec: SweepSpec | str | os.PathLike, executor: str = "local", store: s
         raise TypeError(f"sweep(spec=...): expected a SweepSpec or a TOML path, got {type(spec).__name__}")
     if executor not in EXECUTORS:
         raise ValueError(f"sweep(executor={executor!r}): choose one of {', '.join(EXECUTORS)}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+    if workers is not None and not int_at_least(workers, 1):
         raise ValueError(f"sweep(workers={workers!r}): must be a positive int or None")
     st = SweepStore(Path("runs") / spec.name if store is None else store)
     st.open(spec, _trainer_name(train_fn), extend=extend)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from stabilitylab._checks import int_at_least
 from stabilitylab.mitigations.bundles import BUNDLES, bundle
 from stabilitylab.proxy.model import PRESETS, ProxyConfig
 from stabilitylab.proxy.train import TrainConfig
@@ -229,7 +230,7 @@ class SweepSpec:
         set_(self, "variants", tuple(dict(v) if isinstance(v, Mapping) else v for v in self.variants))
         _unique_labels("sizes", [s[0] for s in sizes], list(self.sizes))
         _unique_labels("variants", [v[0] for v in variants], list(self.variants))
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+        if not int_at_least(self.every, 1):
             raise _err("every", self.every, "the monitor interval must be an int >= 1")
         self._check_probes()
         for arg, allowed in (("model", _PROXY_FIELDS - {*_SIZE_KEYS, "seq_len"}),
