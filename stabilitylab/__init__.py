@@ -14,10 +14,12 @@ from stabilitylab.analysis import (
     fit_scaling,
     lr_curves,
     lr_sensitivity,
+    predict,
     predict_instability,
 )
 from stabilitylab.distributed import UnsupportedParallelismError
 from stabilitylab.monitor import Monitor
+from stabilitylab.probes.logits import loss_mask
 from stabilitylab.proxy import ProxyConfig, ProxyTransformer, TrainConfig, train_one
 from stabilitylab.proxy.vectorized import train_many
 from stabilitylab.sweeps import SweepSpec, load_sweep, sweep
@@ -27,4 +29,5 @@ __version__ = "0.1.0"
 __all__ = ["Monitor", "ProxyConfig", "ProxyTransformer", "TrainConfig", "__version__", "lr_sensitivity",
            "metrics", "mitigations", "probes", "record_qk", "register_adapter", "sinks", "train_one",
            "SweepSpec", "load_sweep", "sweep", "train_many", "UnsupportedParallelismError",
-           "EarlyWarning", "evaluate_warnings", "fit_scaling", "lr_curves", "predict_instability"]
+           "EarlyWarning", "evaluate_warnings", "fit_scaling", "lr_curves", "predict", "predict_instability",
+           "loss_mask"]

@@ -12,7 +12,9 @@ COMMAND_MODULES = [
     "stabilitylab.demo",
     "stabilitylab.sweeps.cli",
     "stabilitylab.analysis.cli",
+    "stabilitylab.analysis.predict_cli",
     "stabilitylab.reproduce",
+    "stabilitylab.studies.warnings_bench",
 ]
 
 

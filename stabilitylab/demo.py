@@ -1,8 +1,9 @@
 """``stabilitylab demo``: a small LR-sensitivity study on the proxy that shows the paper's headline.
 
 Two sizes x six learning rates (1e-3 .. 3e-1) x {baseline, qk_layernorm}, monitored; writes
-``runs.parquet`` and ``history.parquet``, prints final loss per LR and LR sensitivity, and saves two
-figures (LR vs final loss; max attention logit vs step).
+``runs.parquet`` and ``history.parquet``, prints final loss per LR and LR sensitivity, saves two
+figures (LR vs final loss; max attention logit vs step), writes the report and ends with its findings
+(what broke, which signal and layer led, what qk-layernorm changed, what to do, early warnings).
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def summarise(runs: pd.DataFrame, history: pd.DataFrame, out: Path) -> str:
     return "\n".join(lines)
 
 
+def findings(runs: pd.DataFrame, history: pd.DataFrame) -> str:
+    """The report's findings (``stabilitylab.diagnosis``) as the text that ends the demo's output."""
+    from stabilitylab.diagnosis import diagnose
+
+    return "Findings (the report opens with these):\n" + diagnose(runs, history).text()
+
+
 def _cmd(args: argparse.Namespace) -> int:
     t0 = time.time()
     out = Path(args.out)
@@ -80,6 +88,7 @@ def _cmd(args: argparse.Namespace) -> int:
     from stabilitylab.report import write_report
 
     html, md = write_report(out, out / "report")
+    print("\n" + findings(runs, history))
     print(f"\nDemo finished in {time.time() - t0:.0f} s.")
     print(f"Report: {Path(html).resolve()} (markdown: {Path(md).resolve()})")
     print(f"Next:   stabilitylab analyze {out}    |    stabilitylab reproduce --scale quick")

@@ -25,6 +25,8 @@ RECORD_COLUMNS = ("run_id", "step", "metric", "module", "value")
 LOSS = "loss"
 ATTN_MAX_LOGIT = "attn.max_logit"
 ATTN_ENTROPY = "attn.entropy"
+#: Max post-soft-cap attention score (what the softmax sees); recorded only when a cap is active.
+ATTN_MAX_LOGIT_CAPPED = "attn.max_logit_capped"
 LOGITS_LSE_MEAN = "logits.lse_mean"
 LOGITS_LSE_STD = "logits.lse_std"
 LOGITS_MAX = "logits.max"
@@ -66,6 +68,8 @@ _SPECS = [
     MetricSpec(LOSS, "mean", "mean", "training loss passed to Monitor.step (nats/token)"),
     MetricSpec(ATTN_MAX_LOGIT, "max", "max", "max over batch, heads, allowed (query, key) of q.k*scale"),
     MetricSpec(ATTN_ENTROPY, "mean", "min", "mean over softmax rows of -sum p log p (nats)"),
+    MetricSpec(ATTN_MAX_LOGIT_CAPPED, "max", "max",
+               "max over allowed (query, key) of the soft-capped score cap*tanh(s/cap) (+ bias) fed to softmax"),
     MetricSpec(LOGITS_LSE_MEAN, "mean", "mean", "mean over tokens of log Z = logsumexp(output logits)"),
     MetricSpec(LOGITS_LSE_STD, "mean", "mean", "std over tokens of log Z (token-weighted mean over micro-batches)"),
     MetricSpec(LOGITS_MAX, "max", "max", "max output logit"),
@@ -77,7 +81,7 @@ _SPECS = [
     MetricSpec(PARAM_RMS, "rms", "max", "sqrt(mean(p^2)) of a parameter after the step"),
     MetricSpec(UPDATE_RMS, "rms", "max", "sqrt(mean((p_after - p_before)^2))"),
     MetricSpec(UPDATE_RATIO, "rms", "max",
-               "||p_after - p_before|| / ||p_before||, partials (sum dp^2, sum p_before^2)"),
+               "||dp|| / sqrt(||p_after||^2 + n*1e-16), dp = p_after - p_before; partials (sum dp^2, sum p_after^2 + n*1e-16)"),
     MetricSpec(GRAD_GLOBAL_NORM, "rms", "max", "sqrt(sum over all parameters of g^2), before clipping"),
     MetricSpec(ADAM_EPS_DOMINANCE, "mean", "max", "share of elements with sqrt(v_hat) < eps (0..1)"),
     MetricSpec(ADAM_V_RMS, "rms", "min", "sqrt(mean(v_hat)) = RMS of Adam's second-moment root"),

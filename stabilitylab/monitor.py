@@ -19,6 +19,7 @@ import time
 import uuid
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,6 +80,9 @@ class Monitor:
             and every attention call, so compiled and eager models record the same values. This also
             covers a model compiled after the Monitor was attached. Set False if you manage
             ``set_stance`` yourself.
+        max_events: keep at most this many events in ``Monitor.events`` (and the in-memory history),
+            oldest dropped first; ``events_dropped`` counts the dropped ones and ``close()`` emits one
+            ``events_dropped`` event. Sinks still receive every event.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class Monitor:
         on_event: Callable[[Event], None] | None = None,
         rank_zero_only: bool = True,
         eager_logged_steps: bool = True,
+        max_events: int = 10_000,
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor(model=...): expected a torch.nn.Module, got {type(model).__name__}")
@@ -125,6 +130,8 @@ class Monitor:
             raise TypeError(f"Monitor(rank_zero_only={rank_zero_only!r}): pass True or False")
         if not isinstance(eager_logged_steps, bool):
             raise TypeError(f"Monitor(eager_logged_steps={eager_logged_steps!r}): pass True or False")
+        if not int_at_least(max_events, 1):
+            raise ValueError(f"Monitor(max_events={max_events!r}): must be an int >= 1 (events kept in memory)")
         model = _unwrap(model)
         D.check_supported(model)
         rank, world = D.rank_and_world()
@@ -132,6 +139,7 @@ class Monitor:
             run_id = _broadcast_run_id(run_id)
             if not rank_zero_only:
                 run_id = f"{run_id}-rank{rank}"
+        self._reducer = D.Reducer() if world > 1 else None
         self.model = model
         self.optimizer = optimizer
         self.every = every
@@ -139,10 +147,11 @@ class Monitor:
         self.step_count = start_step
         self.config = dict(config or {})
         self.on_event = on_event
-        self.events: list[Event] = []
+        self._events: deque[Event] = deque(maxlen=max_events)
+        self.events_dropped = 0
         self._memory: Memory | None = None
         if keep_history:
-            self._memory = Memory(None if keep_history is True else int(keep_history))
+            self._memory = Memory(None if keep_history is True else int(keep_history), max_events=max_events)
         self.sinks: list[Sink] = list(sinks)
         self.rank_zero_only = rank_zero_only
         writes = not (rank_zero_only and rank != 0)
@@ -242,43 +251,62 @@ class Monitor:
         return blocks
 
     def _reduce_across_ranks(self, reduce: np.ndarray, num: torch.Tensor, w: torch.Tensor,
-                             metrics: Sequence[str] = (), loss: torch.Tensor | None = None):
-        """Combine partials over data-parallel ranks (``stabilitylab.distributed``); single process: identity.
+                             keys: list[tuple[str, str]], loss: torch.Tensor | None, step: int):
+        """Combine partials over data-parallel ranks (``distributed.Reducer``); single process: identity.
 
-        Also keeps ``self._per_rank`` (``(2, world)``: each rank's local non-finite count and loss), moved
-        to the host with the values, so events can name the rank(s) where a problem appeared.
+        Returns ``(reduce, num, w, keys)`` in the layout the ranks agreed on (rows no rank had get weight
+        -1). Also keeps ``self._per_rank`` (``(2, world)``: each rank's local non-finite count and loss),
+        moved to the host with the values, so events can name the rank(s) where a problem appeared.
         """
         self._per_rank = None
-        if not D.active():
-            return num, w
-        local = D.local_scalars(metrics, num, loss)
-        num, w, self._per_rank = D.reduce_partials(reduce, num, w, local)
-        return num, w
+        r = self._reducer
+        if r is None or r.failed:
+            return reduce, num, w, keys
+        faults = sum(1 << i for i, p in enumerate(self.probes) if p.faults)
+        try:
+            keys, reduce, num, w, self._per_rank = r.round(keys, reduce, num, w, loss, step, faults)
+        except Exception as e:  # noqa: BLE001 - a dead or timed-out peer: local values from now on
+            r.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"stabilitylab: cross-rank reduction failed on step {step} ({r.failed}); this rank "
+                          "logs its local values from now on", stacklevel=4)
+            self.emit([Event(self.run_id, step, "collective_failed", "", message=r.failed)])
+        return reduce, num, w, keys
 
     def _log_step(self, step: int, loss) -> dict[tuple[str, str], float]:
         blocks = self._gather(loss)
         metrics_col: list[str] = []
         modules_col: list[str] = []
-        if blocks:
-            device = blocks[0].num.device
+        if blocks or self._reducer is not None:  # every rank joins the round, even with nothing recorded
+            # Device of the first block not on the CPU (CPU scalars such as the LR move to it, not back).
+            device = next((b.num.device for b in blocks if b.num.device.type != "cpu"),
+                          blocks[0].num.device if blocks else _param_device(self.model))
             dtype = torch.float32 if device.type == "mps" else torch.float64
-            num = torch.cat([b.num.to(device=device, dtype=dtype) for b in blocks])
-            w = torch.cat([b.weight.to(device=device, dtype=dtype) for b in blocks])
+            num = torch.cat([b.num.to(device=device, dtype=dtype, non_blocking=True) for b in blocks]
+                            or [torch.zeros(0, device=device, dtype=dtype)])
+            w = torch.cat([b.weight.to(device=device, dtype=dtype, non_blocking=True) for b in blocks]
+                          or [torch.zeros(0, device=device, dtype=dtype)])
             codes = []
             for b in blocks:
                 metrics_col.extend([b.metric] * len(b.modules))
                 modules_col.extend(b.modules)
                 codes.extend([_REDUCE_CODE[M.spec(b.metric).reduce]] * len(b.modules))
-            reduce = np.asarray(codes)
-            loss_t = blocks[-1].num[0] if loss is not None else None
-            num, w = self._reduce_across_ranks(reduce, num, w, metrics_col, loss_t)
+            reduce = np.asarray(codes, dtype=np.int64)
+            loss_t = blocks[-1].num[0].to(device, non_blocking=True) if loss is not None else None
+            reduce, num, w, keys = self._reduce_across_ranks(
+                reduce, num, w, list(zip(metrics_col, modules_col)), loss_t, step)
+            metrics_col, modules_col = [k[0] for k in keys], [k[1] for k in keys]
             both = torch.stack([num, w])
             if self._per_rank is not None:
                 both = torch.cat([both, self._per_rank], dim=1)
-            both = both.cpu().numpy()  # the one device -> host transfer
+            both = _to_host(both)  # the one device -> host transfer
             n = len(metrics_col)
             values = _finalise(reduce, both[0, :n], both[1, :n])
             per_rank = both[:, n:]
+            kept = both[1, :n] >= 0  # rows that no rank recorded this step (weight -1) are not records
+            if not kept.all():
+                values = values[kept]
+                metrics_col = [m for m, k in zip(metrics_col, kept) if k]
+                modules_col = [m for m, k in zip(modules_col, kept) if k]
         else:
             values, per_rank = np.zeros(0), np.zeros((2, 0))
         # Same (metric, module) from several blocks: keep the last (probes own distinct keys).
@@ -289,11 +317,17 @@ class Monitor:
             for metric, module, v in extra:
                 vals[(metric, module)] = float(v)
             events.extend(ev)
+        r = self._reducer
         for p in self.probes:
             for e in p.faults:
                 e.run_id, e.step = self.run_id, step
+                if r is not None:
+                    e.extra["ranks"] = [r.rank]
+                    e.message = f"{e.message} (rank {r.rank})"
             events.extend(p.faults)
             p.faults = []
+        if r is not None and not r.failed:
+            events.extend(r.events(self.run_id, step, [p.name for p in self.probes]))
         rec = Records(self.run_id, step, time.time(), [k[0] for k in vals], [k[1] for k in vals],
                       np.fromiter(vals.values(), dtype=np.float64, count=len(vals)))
         for g in self._guards:
@@ -305,9 +339,15 @@ class Monitor:
             self.emit(events)
         return vals
 
+    @property
+    def events(self) -> list[Event]:
+        """The most recent events, oldest first (at most ``max_events``; see ``events_dropped``)."""
+        return list(self._events)
+
     def emit(self, events: Sequence[Event]) -> None:
         """Send events (health, early warnings) to the sinks and the ``on_event`` callback."""
-        self.events.extend(events)
+        self.events_dropped += max(0, len(self._events) + len(events) - self._events.maxlen)
+        self._events.extend(events)
         for g in self._guards:
             g.write_events(events)
         if self.on_event is not None:
@@ -335,10 +375,17 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        if self._reducer is not None:  # answer the ranks still logging, so none waits for this one
+            self._reducer.close(self.step_count, _param_device(self.model), torch.float64)
         if self.eager_logged_steps:
             self._force_eager(False)
         for p in self.probes:
             p.detach()
+        if self.events_dropped:
+            dropped = self.events_dropped
+            self.emit([Event(self.run_id, self.step_count, "events_dropped", "", float(dropped),
+                             f"{dropped} events were dropped from Monitor.events (max_events="
+                             f"{self._events.maxlen}); the sinks received all of them")])
         for g in self._guards:
             g.close()
 
@@ -351,6 +398,28 @@ class Monitor:
     def __repr__(self) -> str:
         return (f"Monitor(run_id={self.run_id!r}, every={self.every}, step={self.step_count}, "
                 f"probes={[p.name for p in self.probes]}, sinks={[type(s).__name__ for s in self.sinks]})")
+
+
+def _param_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a model without parameters)."""
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _to_host(t: torch.Tensor) -> np.ndarray:
+    """The one device -> host transfer of a logged step, as numpy.
+
+    It is the one deliberate sync of a logged step, so it is exempt from
+    ``torch.cuda.set_sync_debug_mode``: under ``"error"`` any *other* sync still raises.
+    """
+    if t.device.type != "cuda":
+        return t.cpu().numpy()
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        return t.cpu().numpy()
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _broadcast_run_id(run_id: str | None) -> str:

@@ -120,8 +120,14 @@ def lr_sensitivity_vs_size(runs: pd.DataFrame, lr_range: tuple[float, float] | N
     return fig
 
 
-def attention_logit_heatmap(history: pd.DataFrame, run_id: str) -> Figure:
-    """Per-layer max attention logit over steps of one run: heatmap (layers x steps), log10 colour."""
+def attention_logit_heatmap(history: pd.DataFrame, run_id: str, label: str | None = None) -> Figure:
+    """Per-layer max attention logit over steps of one run: heatmap (layers x steps), log10 colour.
+
+    Args:
+        history: tidy history.
+        run_id: the run.
+        label: how the title names the run (default: its run_id), e.g. ``diagnosis.run_label(row)``.
+    """
     h = history[(history["run_id"] == run_id) & (history["metric"] == M.ATTN_MAX_LOGIT)]
     if h.empty:
         raise ValueError(f"attention_logit_heatmap(run_id={run_id!r}): no {M.ATTN_MAX_LOGIT} records for it")
@@ -135,7 +141,7 @@ def attention_logit_heatmap(history: pd.DataFrame, run_id: str) -> Figure:
                    extent=(steps.min(), steps.max(), len(w) - 0.5, -0.5))
     ax.set_yticks(range(len(w)), list(w.index), fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(f"max attention logit per layer (run {run_id})")
+    ax.set_title(f"max attention logit per layer ({label or 'run ' + run_id})")
     fig.colorbar(im, ax=ax, label="log10 |max logit|")
     fig.tight_layout()
     return fig
@@ -201,7 +207,8 @@ def scaling_fit(fit, holdout: tuple[float, float] | None = None, x_max: float | 
     return fig
 
 
-def warning_timeline(history: pd.DataFrame, run_id: str, events=None, factor: float = 10.0) -> Figure:
+def warning_timeline(history: pd.DataFrame, run_id: str, events=None, factor: float = 10.0,
+                     label: str | None = None) -> Figure:
     """One run: loss (top) and the watched signals' max over modules, normalised to their first value
     (bottom, log y), with early-warning events (orange) and the divergence step (red).
 
@@ -210,6 +217,7 @@ def warning_timeline(history: pd.DataFrame, run_id: str, events=None, factor: fl
         run_id: the run.
         events: its warning events (default: replay ``analysis.EarlyWarning()`` over the history).
         factor: blow-up factor of the divergence step.
+        label: how the title names the run (default: its run_id).
     """
     from stabilitylab.analysis.early_warning import DEFAULT_WATCH, EarlyWarning, divergence_step
 
@@ -241,6 +249,145 @@ def warning_timeline(history: pd.DataFrame, run_id: str, events=None, factor: fl
             ax.axvline(dstep, color="red", lw=1.5)
         ax.grid(alpha=0.3)
     a2.legend(fontsize=7)
-    a1.set_title(f"run {run_id}: warnings (orange), divergence (red)")
+    a1.set_title(f"{label or 'run ' + run_id}: warnings (orange), divergence (red)")
+    fig.tight_layout()
+    return fig
+
+
+def heldout_prediction(prediction, keys: list | None = None) -> Figure:
+    """Fits of ``analysis.predict`` across sizes: the fitted runs, the trend, its band and the held-out runs.
+
+    One log-log panel per key of ``prediction.fits`` (default: each variant's critical LR, then each
+    variant's peak attention logit at the grid LR nearest its predicted critical LR). The band is the interval
+    for one run (``kind="run"``) from the smallest fitted size to 1.5x the target; the held-out runs are
+    red, the predicted interval at the target a black bar.
+
+    Args:
+        prediction: a ``stabilitylab.analysis.Prediction``.
+        keys: keys of ``prediction.fits`` to draw, e.g. ``[("baseline", "critical_lr"), ("baseline", 0.1)]``.
+    """
+    fits = prediction.fits
+    if keys is None:
+        keys = [k for k in fits if k[1] == "critical_lr"]
+        crit = prediction.critical_lr.set_index("variant")["predicted"]
+        for v in sorted({k[0] for k in fits}):
+            lrs = [k for k in fits if k[0] == v and k[1] != "critical_lr"]
+            c = float(crit.get(v, np.nan))
+            if lrs:
+                keys.append(min(lrs, key=lambda k: abs(np.log(k[1] / c)) if np.isfinite(c) else -k[1]))
+    missing = [k for k in keys if k not in fits]
+    if missing or not keys:
+        raise ValueError(f"heldout_prediction(keys={keys!r}): no fit for {missing}; available: {list(fits)}")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    target = prediction.target_n_params
+    for ax, key in zip(axes[0], keys):
+        fit, pts = fits[key]
+        xs = np.geomspace(pts.loc[pts["fitted"], "n_params"].min(), 1.5 * target, 60)
+        band = fit.extrapolate(xs, kind="run")
+        ax.fill_between(xs, band["lo"], band["hi"], color="C0", alpha=0.2,
+                        label=f"{prediction.level:.0%} interval (one run)")
+        ax.plot(xs, band["value"], color="C0", label="fit")
+        f, h = pts[pts["fitted"]], pts[~pts["fitted"]]
+        ax.plot(f["n_params"], f["value"], "o", color="C0", ms=4, alpha=0.7, label="fitted runs")
+        p = fit.extrapolate(target, kind="run").iloc[0]
+        ax.errorbar([target], [p["value"]], yerr=[[max(0.0, p["value"] - p["lo"])], [max(0.0, p["hi"] - p["value"])]], fmt="s",
+                    color="black", capsize=4, label="predicted")
+        if len(h):
+            ax.plot(h["n_params"], h["value"], "o", color="red", ms=6, label="held-out runs")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        variant, what = key
+        ax.set_ylabel("critical LR (leaves the basin)" if what == "critical_lr" else "peak max attention logit")
+        ax.set_title(f"{variant}" + ("" if what == "critical_lr" else f", lr={what:.3g}"))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Figure]:
+    """A sweep's summary figures (for ``sinks.wandb.log_sweep_summary``): the per-layer max attention logit
+    heatmap of the worst run (highest max attention logit) and final loss vs LR, one line per size.
+
+    Args:
+        runs: the sweep's runs table.
+        history: its tidy history.
+
+    Returns:
+        name -> Figure: ``attn_logit_per_layer`` (only when attention logits were recorded), ``lr_vs_loss``.
+    """
+    from stabilitylab.diagnosis import run_label
+
+    figs = {}
+    attn = history[history["metric"] == M.ATTN_MAX_LOGIT]
+    if len(attn):
+        worst = attn.groupby("run_id")["value"].max().idxmax()
+        label = run_label(runs.set_index("run_id").loc[worst].to_dict()) if worst in set(runs["run_id"]) else None
+        figs["attn_logit_per_layer"] = attention_logit_heatmap(history, worst, label=label)
+    figs["lr_vs_loss"] = lr_vs_loss(runs)
+    return figs
+
+
+def warning_tradeoff(curve: pd.DataFrame) -> Figure:
+    """Early-warning lead time versus false alarms as the threshold margin varies (one point per margin).
+
+    Args:
+        curve: one row per margin with ``margin``, ``fa_steps_stable`` (false-alarm step rate on stable
+            runs), ``stable_warned_share``, ``warned_50_share`` and ``median_lead`` (steps).
+    """
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = 100 * curve["fa_steps_stable"].to_numpy(dtype=float)
+    for ax, y, label in ((a1, curve["median_lead"], "median lead (steps)"),
+                         (a2, 100 * curve["warned_50_share"], "divergences warned >= 50 steps ahead (%)")):
+        ax.plot(x, y.to_numpy(dtype=float), "o-", color="tab:blue")
+        for xi, yi, m in zip(x, y, curve["margin"]):
+            ax.annotate(f"{m:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.axvline(0.05, color="red", lw=1, ls="--")
+        ax.set_xlabel("false-alarm steps on stable runs (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    a1.set_title("lead time vs false alarms (labels: threshold margin)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def warning_timelines(history: pd.DataFrame, per_run: pd.DataFrame, watch: dict[str, str] | None = None,
+                      ncols: int = 5) -> Figure:
+    """One panel per diverged run: its leading signal (transformed as the detector sees it, max over
+    modules), the first warning (orange), the forecast interval (orange band) and the divergence (red).
+
+    Args:
+        history: tidy history.
+        per_run: rows with ``run_id``, ``diverge_step``, ``first_warning``, ``metric``, ``steps_left_lo``,
+            ``steps_left_hi`` (and optionally ``mechanism``, ``lr``), one per diverged run.
+        watch: metric -> transform (default ``detectors.DEFAULT_WATCH``); the signal of a missed run is
+            its loss.
+        ncols: panels per row.
+    """
+    from stabilitylab.detectors import DEFAULT_WATCH, transform
+
+    watch = dict(DEFAULT_WATCH if watch is None else watch)
+    n = max(1, len(per_run))
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.0 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, per_run.itertuples(index=False)):
+        metric = r.metric if isinstance(r.metric, str) and r.metric else M.LOSS
+        h = history[(history["run_id"] == r.run_id) & (history["metric"] == metric)]
+        s = h.groupby("step")["value"].apply(lambda v, m=metric: max(transform(float(x), watch.get(m, "log"))
+                                                                    for x in v)).sort_index()
+        ax.plot(s.index, s.to_numpy(), "k-", lw=0.8)
+        if np.isfinite(r.first_warning):
+            ax.axvline(r.first_warning, color="orange", lw=1.2)
+            if np.isfinite(r.steps_left_lo) and np.isfinite(r.steps_left_hi):
+                ax.axvspan(r.first_warning + r.steps_left_lo, r.first_warning + r.steps_left_hi, color="orange",
+                           alpha=0.2)
+        ax.axvline(r.diverge_step, color="red", lw=1.2)
+        title = f"{getattr(r, 'mechanism', '')} lr={getattr(r, 'lr', float('nan')):.2g}\n{metric}"
+        ax.set_title(title, fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("diverged runs: leading signal, warning (orange), forecast band, divergence (red)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -25,6 +25,10 @@ def test_demo_writes_tables_figures_and_prints_sensitivity(tmp_path, capsys):
     for p in pngs:
         assert str(p) in printed
     assert "LR sensitivity" in printed
+    from stabilitylab.diagnosis import diagnose
+
+    assert printed.rstrip().split("Findings (the report opens with these):\n", 1)[1].startswith(
+        diagnose(runs, history).text())  # the report's findings end the demo's output
     sens = lr_sensitivity(runs, by=["size", "n_params", "variant"])
     for v in sens["lr_sensitivity"].round(4):
         assert f"{v:.4f}".rstrip("0").rstrip(".") in printed

@@ -19,6 +19,7 @@ SINKS = {
     "parquet": lambda tmp: sinks.Parquet(tmp / "pq", flush_records=1),
     "console": lambda tmp: sinks.Console(io.StringIO()),
     "null": lambda tmp: sinks.Null(),
+    "tensorboard": lambda tmp: sinks.TensorBoard(tmp / "tb"),
 }
 
 

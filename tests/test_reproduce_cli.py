@@ -121,3 +121,61 @@ def test_cli_rejects_unknown_scale(capsys):
     with pytest.raises(SystemExit):
         cli.main(["reproduce", "--scale", "huge"])
     assert "--scale" in capsys.readouterr().err
+
+
+def test_prediction_tables_match_independent_computation_from_the_store(rep):
+    runs, hist = _store(rep.out / "attention")
+    sizes = runs.groupby("size")["n_params"].median().sort_values()
+    held = sizes.index[-1]
+    a = hist[(hist["metric"] == "attn.max_logit") & np.isfinite(hist["value"])]
+    runs = runs.assign(peak=runs["run_id"].map(a.groupby("run_id")["value"].max()))
+    att = rep.tables["prediction_attn_logit"]
+    crit = rep.tables["prediction_critical_lr"].set_index("variant")
+    for (variant, lr), g in runs.groupby(["variant", "lr"]):
+        fit = g[g["size"] != held].groupby("n_params")["peak"].apply(lambda s: np.log10(s).mean())
+        coef = np.polyfit(np.log10(fit.index.to_numpy(float)), fit.to_numpy(), 1)
+        row = att[(att["variant"] == variant) & np.isclose(att["lr"], lr)].iloc[0]
+        assert row["predicted"] == pytest.approx(10 ** np.polyval(coef, np.log10(sizes[held])), rel=1e-9)
+        assert row["observed"] == pytest.approx(g.loc[g["size"] == held, "peak"].iloc[0], rel=1e-12)
+        assert row["inside"] == (row["lo"] <= row["observed"] <= row["hi"])
+    for variant, g in runs[runs["size"] == held].groupby("variant"):
+        g = g.sort_values("lr")
+        L = np.where(g["diverged"] | ~np.isfinite(g["final_loss"]), g["init_loss"],
+                     np.minimum(g["final_loss"], g["init_loss"]))
+        best = int(np.argmin(L))
+        thr = L[best] + 0.1 * (g["init_loss"].mean() - L[best])
+        j = best
+        while j + 1 < len(L) and L[j + 1] <= thr and not g["diverged"].iloc[j + 1]:
+            j += 1
+        assert crit.loc[variant, "observed_largest_stable_lr"] == pytest.approx(g["lr"].iloc[j])
+    f = rep.findings
+    assert f["finding"].str.contains("largest stable LR of a larger model").sum() == 2
+    assert (rep.out / "prediction.json").exists() and "prediction_heldout" in rep.figures
+
+
+def test_predict_cli_prints_predicted_vs_observed_and_report_shows_the_fit(rep, tmp_path, capsys):
+    import json
+
+    from stabilitylab.report import write_report
+
+    out = tmp_path / "p.json"
+    code = cli.main(["predict", str(rep.out / "attention"), "--holdout", "largest", "--n-boot", "200",
+                     "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0 and "held-out size t3" in text and "Peak max attention logit per LR" in text
+    got = json.loads(out.read_text())
+    assert got["heldout"] == "t3" and {r["variant"] for r in got["critical_lr"]} == {"baseline", "qk_layernorm"}
+    assert len(got["attn_logit"]) == 2 * len(TINY.lrs)
+    html, _ = write_report(rep.out / "attention", tmp_path / "report", n_boot=200)
+    assert (tmp_path / "report" / "heldout_prediction.png").exists() and "heldout_critical_lr" in html.read_text()
+    assert cli.main(["predict", str(rep.out / "attention"), "--holdout", "none"]) == 2
+    assert "target_n_params" in capsys.readouterr().err
+
+
+def test_sensitivity_parts_below_and_above_the_best_lr_sum_to_lr_sensitivity(rep):
+    runs, _ = _store(rep.out / "attention")
+    sens = rep.tables["attention_sensitivity"]
+    for variant, size in runs[["variant", "size"]].drop_duplicates().itertuples(index=False):
+        below, above = R._sens_parts(runs, variant, size)
+        got = sens.loc[(sens["variant"] == variant) & (sens["size"] == size), "lr_sensitivity"].iloc[0]
+        assert below + above == pytest.approx(got, abs=1e-12) and below >= 0 and above >= 0

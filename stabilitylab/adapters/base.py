@@ -45,6 +45,11 @@ class SelfReportingAdapter(AttentionAdapter):
     def find(self, model: torch.nn.Module) -> list[str]:
         return [n for n, m in model.named_modules() if getattr(m, "stabilitylab_records_qk", False)]
 
+    def install(self, probe: AttentionProbe, model: torch.nn.Module, names: list[str]) -> list[Any]:
+        from stabilitylab.adapters import runtime
+
+        return runtime.install_frames(probe, model, names, capture=False)
+
 
 ADAPTERS: list[AttentionAdapter] = [SelfReportingAdapter()]
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from stabilitylab.adapters import runtime
 from stabilitylab.adapters.base import AttentionAdapter
 
 _FORWARD = inspect.signature(torch.nn.MultiheadAttention.forward)
@@ -107,7 +108,7 @@ class MHAAdapter(AttentionAdapter):
 
     def install(self, probe: Any, model: torch.nn.Module, names: list[str]) -> list[Any]:
         def pre_hook(module: torch.nn.MultiheadAttention, args: tuple, kwargs: dict) -> None:
-            if not probe.armed:
+            if not probe.armed or runtime.in_backward():
                 return
             a = _FORWARD.bind(module, *args, **kwargs)
             a.apply_defaults()
@@ -117,4 +118,6 @@ class MHAAdapter(AttentionAdapter):
                                             a["need_weights"], a["attn_mask"], a["is_causal"])
             probe.observe_call(q, k, attn_mask=mask, is_causal=causal, module=module)
 
-        return [model.get_submodule(n).register_forward_pre_hook(pre_hook, with_kwargs=True) for n in names]
+        # Frames that capture nothing: an SDPA or softmax call inside the module is not recorded again.
+        frames = runtime.install_frames(probe, model, names, capture=False)
+        return frames + [model.get_submodule(n).register_forward_pre_hook(pre_hook, with_kwargs=True) for n in names]

@@ -5,9 +5,9 @@
 ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``) to ``record_qk`` under ``module``'s name. The
 adapters enter it only on logged steps, so other steps run the model untouched.
 
-``SDPAAdapter`` covers any module whose own ``forward`` calls ``scaled_dot_product_attention``
-(nanoGPT-style attention, for example): a forward pre-hook enters the capture on logged steps and a
-forward hook (``always_call``) leaves it.
+``SDPAAdapter`` covers any module whose class uses ``scaled_dot_product_attention`` or a softmax in any
+method (nanoGPT-style attention, timm, x-transformers' ``Attend``, litgpt, ...) and records what runs
+inside it on logged steps (see ``stabilitylab.adapters.runtime``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from stabilitylab.adapters import generic
+from stabilitylab.adapters import generic, runtime
 from stabilitylab.adapters.base import AttentionAdapter
 
 _SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -68,33 +68,26 @@ def forward_code_names(module: torch.nn.Module) -> tuple[str, ...]:
 
 
 class SDPAAdapter(AttentionAdapter):
-    """Custom modules whose ``forward`` calls ``F.scaled_dot_product_attention`` directly."""
+    """Custom modules whose methods call SDPA, a softmax or flex attention; observed by what runs.
+
+    A module is a candidate when any method of its class (``forward`` or a helper, e.g. x-transformers'
+    ``Attend.flash_attn``) names ``scaled_dot_product_attention``, ``softmax`` or ``flex_attention``;
+    torch's own modules are not (``nn.MultiheadAttention`` has its own adapter). A candidate that
+    contains another attention module is a block or a model and is dropped by the probe. On logged steps
+    the SDPA or softmax call that actually runs inside it is recorded (``stabilitylab.adapters.runtime``),
+    so a module that mentions SDPA but takes a hand-written path (timm ``fused_attn=False``) is exact,
+    and one where neither runs gets a single warning naming it.
+    """
 
     name = "sdpa"
-    description = "any module whose forward calls torch.nn.functional.scaled_dot_product_attention"
+    description = ("any module whose methods call torch.nn.functional.scaled_dot_product_attention or a softmax "
+                   "over attention scores (what runs is recorded)")
+    by_code_scan = True
 
     def find(self, model: torch.nn.Module) -> list[str]:
         return [n for n, m in model.named_modules()
-                if not isinstance(m, torch.nn.MultiheadAttention)
-                and "scaled_dot_product_attention" in forward_code_names(m)]
+                if not type(m).__module__.startswith("torch.")
+                and any(a in runtime.class_code_names(type(m)) for a in runtime.ATTENTION_NAMES)]
 
     def install(self, probe: Any, model: torch.nn.Module, names: list[str]) -> list[Any]:
-        handles = []
-        stack: list[SDPACapture | None] = []
-
-        def enter(module: torch.nn.Module, args: Any) -> None:
-            cap = SDPACapture(module) if probe.armed else None
-            if cap is not None:
-                cap.__enter__()
-            stack.append(cap)
-
-        def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
-            cap = stack.pop() if stack else None
-            if cap is not None:
-                cap.__exit__(None, None, None)
-
-        for n in names:
-            m = model.get_submodule(n)
-            handles.append(m.register_forward_pre_hook(enter))
-            handles.append(m.register_forward_hook(leave, always_call=True))
-        return handles
+        return runtime.install_frames(probe, model, names, capture=True)

@@ -5,12 +5,13 @@ models, except ``EarlyWarning``, which is a probe that watches a live Monitor's 
 """
 
 from stabilitylab.analysis.early_warning import EarlyWarning, divergence_step, evaluate_warnings
+from stabilitylab.analysis.ladder import LadderFit, fit_ladder
 from stabilitylab.analysis.lr_curves import critical_lr, lr_curves, optimal_lr
-from stabilitylab.analysis.predict import predict_instability, run_signals
+from stabilitylab.analysis.predict import Prediction, basin_edges, predict, predict_instability, run_signals
 from stabilitylab.analysis.scaling import ScalingFit, fit_scaling
 from stabilitylab.analysis.sensitivity import lr_sensitivity, lr_sensitivity_curve
 from stabilitylab.analysis.tables import load_store
 
-__all__ = ["EarlyWarning", "ScalingFit", "critical_lr", "divergence_step", "evaluate_warnings", "fit_scaling",
-           "load_store", "lr_curves", "lr_sensitivity", "lr_sensitivity_curve", "optimal_lr",
-           "predict_instability", "run_signals"]
+__all__ = ["EarlyWarning", "LadderFit", "Prediction", "ScalingFit", "basin_edges", "critical_lr",
+           "divergence_step", "evaluate_warnings", "fit_ladder", "fit_scaling", "load_store", "lr_curves",
+           "lr_sensitivity", "lr_sensitivity_curve", "optimal_lr", "predict", "predict_instability", "run_signals"]

@@ -21,6 +21,9 @@ def _analyze(args: argparse.Namespace) -> int:
         "sensitivity": "LR sensitivity (mean over LRs of min(L, L0) - L*; diverged = init loss)",
         "lr_curves": "Optimal LR (quadratic fit in log LR, bootstrap interval) and critical LR interval",
         "predictions": "Predictions for the largest size from the smaller ones (held out) vs observed",
+        "heldout_critical_lr": "Held-out size: critical LR (leaves the basin) and largest stable LR, predicted vs "
+                               "observed (stabilitylab predict)",
+        "heldout_attn_logit": "Held-out size: peak max attention logit per LR, predicted vs observed",
         "warnings": "Early warning per run (lead = steps from first warning to divergence)",
         "warning_summary": "Early warning summary",
     }

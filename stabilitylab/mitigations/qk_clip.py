@@ -14,7 +14,11 @@ but the optimizer step in between and the next batch move the next measurement, 
 ``tau`` with overshoots of one step's growth (measured: up to ~2x tau right after warm-up at LR 0.1).
 ``"before_forward"`` measures each attention module on its actual input just before it runs (one
 extra no-grad pass through the attention module) and clips first, so every max logit the model
-computes in training is at most ``tau``.
+computes in training is at most ``tau``. That pass never receives a KV cache, whatever its keyword
+(``cache=`` in transformers 5.x, ``past_key_values=`` in 4.x; see ``stabilitylab._caches``): it would
+append to the live cache, and the real forward would then attend over stale, detached keys and values.
+It measures the logits among the current input's keys (a cache carried over from earlier calls holds
+keys it does not see).
 
 Supported attention types (``register_qk_clip`` adds yours): the proxy's ``CausalSelfAttention``,
 Hugging Face ``GPT2Attention`` (``c_attn`` weight and bias) and ``LlamaAttention`` /
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from stabilitylab._caches import without_caches
 from stabilitylab.adapters import generic
 from stabilitylab.mitigations.qk_layernorm import find_surgery
 from stabilitylab.probes.attention import AttentionProbe
@@ -57,9 +62,6 @@ class QKSlices:
     n_kv_heads: int
     head_dim: int
 
-
-#: Keyword arguments of attention forwards that carry a KV cache (set to None for the measuring pass).
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 #: attention module type -> ``fn(module) -> QKSlices``.
 QK_CLIP_REGISTRY: dict[type, Callable[[nn.Module], QKSlices]] = {}
@@ -209,7 +211,7 @@ class QKClip:
         if self._inside or not module.training:
             return
         others = [p for p in generic.ACTIVE if p is not self.probe and p.armed]
-        kw = {k: (None if k in _CACHE_KWARGS else False if k == "use_cache" else v) for k, v in kwargs.items()}
+        args, kw = without_caches(module.forward, args, kwargs)  # the real forward keeps the live cache
         self._inside = True
         for p in others:
             p.armed = False  # the Monitor's probes must not see this extra pass

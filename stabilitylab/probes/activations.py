@@ -6,7 +6,8 @@ Metrics (``module`` is the block's name):
 - ``act.batch_entropy``  mean over units of 0.5*log(2*pi*e*var over tokens) (Peer et al., 2022)
 - ``act.kurtosis``       mean over tokens of E[(h-mu)^4]/E[(h-mu)^2]^2 across features
 
-Blocks are found automatically: the elements of the longest ``nn.ModuleList`` of identical modules
+Forwards that activation checkpointing re-runs during backward are not counted again. Blocks are
+found automatically: the elements of the longest ``nn.ModuleList`` of identical modules
 (``transformer.h``, ``model.layers``, the proxy's ``blocks``), or the names passed as ``modules``.
 """
 
@@ -16,8 +17,10 @@ from typing import Any
 
 import torch
 
+from stabilitylab import distributed as D
 from stabilitylab import functional as F
 from stabilitylab import metrics as M
+from stabilitylab.adapters.runtime import in_backward
 from stabilitylab.probes.base import Probe
 
 
@@ -74,7 +77,7 @@ class ActivationProbe(Probe):
 
     def _make_hook(self, name: str):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            if not self.armed:
+            if not self.armed or in_backward():  # a checkpointed forward recomputed in backward: seen once
                 return
             h = _first_tensor(output)
             if h is None or not h.is_floating_point():
@@ -83,13 +86,26 @@ class ActivationProbe(Probe):
         return hook
 
     def observe(self, name: str, h: torch.Tensor) -> None:
-        """Record the statistics of activation ``h`` (``(..., D)``) for module ``name``."""
+        """Record the statistics of activation ``h`` (``(..., D)``) for module ``name``.
+
+        A DTensor output (a sequence-parallel norm's, a tensor-parallel linear's with
+        ``use_local_output=False``) is read through its local shard (``distributed.local``), whose sums the
+        Monitor adds over ranks: a statistic taken on the DTensor itself would reduce over the ranks once
+        here and again there. Outputs sharded on the feature dim record ``act.rms`` only (the per-token
+        statistics need every feature of a token).
+        """
         x = h.detach()
+        stats = self.stats
+        if D._is_dtensor(x):
+            last = x.ndim - 1
+            if any(pl.is_shard() and pl.dim in (-1, last) for pl in x.placements):
+                stats = tuple(s for s in stats if s == "rms")
+            x = D.local(x)[0]
         x = x.float() if x.dtype not in (torch.float32, torch.float64) else x  # cast 16-bit input once
         tokens = float(x[..., 0].numel())
-        if "rms" in self.stats:
+        if "rms" in stats:
             self.record(M.ACT_RMS, name, torch.linalg.vector_norm(x).square(), float(x.numel()))
-        if "batch_entropy" in self.stats and tokens > 1:
+        if "batch_entropy" in stats and tokens > 1:
             self.record(M.ACT_BATCH_ENTROPY, name, F.batch_entropy(x) * tokens, tokens)
-        if "kurtosis" in self.stats:
+        if "kurtosis" in stats:
             self.record(M.ACT_KURTOSIS, name, F.kurtosis(x) * tokens, tokens)

@@ -15,7 +15,8 @@ changes by less than ``tol`` (relative). The eigenvalue of largest magnitude is 
 Its extra forward/backward passes run with the model's module hooks removed and attention probes
 disarmed, so other probes never see them. The loss comes from ``loss_fn()`` when given (a closure that runs the forward pass and returns the scalar
 loss, e.g. on a fixed batch); otherwise the probe replays the model's last forward call on a logged step
-(its inputs are kept by a forward pre-hook) and takes the loss from the output: a scalar tensor, the
+(its inputs are kept by a forward pre-hook, with any KV cache replaced by ``None`` and ``use_cache=False``
+so the replay never extends a live cache) and takes the loss from the output: a scalar tensor, the
 scalar element of a tuple (the proxy's ``(logits, loss)``) or ``output.loss`` (Hugging Face).
 It runs on every ``every``-th logged step, after the optimizer step (needs Adam state; skipped before).
 """
@@ -30,6 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stabilitylab import metrics as M
+from stabilitylab._caches import without_caches
 from stabilitylab._checks import int_at_least
 from stabilitylab.adapters import generic
 from stabilitylab.probes.base import Probe
@@ -149,7 +151,7 @@ class SharpnessProbe(Probe):
         if self._inputs is None:
             self.warn_once("noinput", "no forward call seen on a logged step; pass SharpnessProbe(loss_fn=...)")
             return None
-        args, kwargs = self._inputs
+        args, kwargs = without_caches(self.model.forward, *self._inputs)  # never extend a live KV cache
         loss = _loss_of(self.model(*args, **kwargs))
         if loss is None:
             self.warn_once("noloss", "the model's output holds no scalar loss; pass SharpnessProbe(loss_fn=...)")

@@ -63,6 +63,16 @@ class TrainConfig:
     device: str = "cpu"
     check_every: int = 10
     """Steps between divergence checks (each is one host sync)."""
+    lr_schedule: str = ""
+    """Piecewise-linear LR factor knots ``"step:factor,..."`` (x ``lr``; held before the first and after the
+    last knot) replacing warm-up + cosine when set: ``"0:0.05,40:1,400:6"`` ramps slowly past the peak,
+    ``"0:1,199:1,200:4"`` steps up at step 200. Empty: warm-up + cosine."""
+    data_switch_step: int = 0
+    """From this step on, training bytes are remapped by a fixed permutation (a data switch; 0: never)."""
+    freeze_until: int = 0
+    """Gradients of parameters whose name starts with ``freeze_prefix`` are zeroed before this step (0: never)."""
+    freeze_prefix: str = "wte"
+    """Name prefix of the parameters ``freeze_until`` freezes."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -89,9 +99,57 @@ class TrainConfig:
             raise ValueError(f"TrainConfig(clip={self.clip!r}): must be > 0, or None to turn clipping off")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig(optimizer={self.optimizer!r}): choose from {OPTIMIZERS}")
+        for name in ("data_switch_step", "freeze_until"):
+            if not int_at_least(getattr(self, name), 0):
+                raise ValueError(f"TrainConfig({name}={getattr(self, name)!r}): must be an int >= 0 (0: off)")
+        if not isinstance(self.lr_schedule, str):
+            raise ValueError(f"TrainConfig(lr_schedule={self.lr_schedule!r}): must be a string "
+                             "'step:factor,...' (e.g. '0:0.05,40:1,400:6'), or '' for warm-up + cosine")
+        if self.lr_schedule:
+            lr_knots(self.lr_schedule)
+        if not isinstance(self.freeze_prefix, str):
+            raise ValueError(f"TrainConfig(freeze_prefix={self.freeze_prefix!r}): must be a parameter-name "
+                             "prefix string, e.g. 'wte' or 'blocks.0.'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def lr_knots(text: str) -> list[tuple[int, float]]:
+    """Parse ``TrainConfig.lr_schedule`` (``"step:factor,..."``, steps increasing, factors >= 0)."""
+    knots = []
+    try:
+        for part in text.split(","):
+            step, factor = part.split(":")
+            knots.append((int(step), float(factor)))
+    except ValueError:
+        raise ValueError(f"TrainConfig(lr_schedule={text!r}): use 'step:factor,step:factor,...' "
+                         "(e.g. '0:0.05,40:1,400:6')") from None
+    steps = [k[0] for k in knots]
+    if steps != sorted(steps) or len(set(steps)) != len(steps) or any(f < 0 or not math.isfinite(f) for _, f in knots):
+        raise ValueError(f"TrainConfig(lr_schedule={text!r}): steps must increase and factors be finite and >= 0")
+    return knots
+
+
+def lr_knots_factor(step: int, knots: list[tuple[int, float]]) -> float:
+    """LR factor at ``step``: linear between knots, held before the first and after the last."""
+    if step <= knots[0][0]:
+        return knots[0][1]
+    for (s0, f0), (s1, f1) in zip(knots, knots[1:]):
+        if step <= s1:
+            return f0 + (f1 - f0) * (step - s0) / (s1 - s0)
+    return knots[-1][1]
+
+
+def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    if config.lr_schedule:
+        knots = lr_knots(config.lr_schedule)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_knots_factor(s, knots))
+    return warmup_cosine(opt, config.warmup_steps, config.steps, floor=min(1.0, config.min_lr / config.lr))
+
+
+#: Fixed byte permutation of the data switch (``TrainConfig.data_switch_step``).
+_SWITCH_PERM = torch.randperm(256, generator=torch.Generator().manual_seed(20231))
 
 
 @dataclass
@@ -183,8 +241,9 @@ def train_one(config: TrainConfig, monitor: MonitorArg = None, progress: bool = 
     data = ByteData(config.model.seq_len, config.data_path)
     model = ProxyTransformer(config.model).to(config.device)
     opt = build_optimizer(model, config)
-    floor = config.min_lr / config.lr
-    sched = warmup_cosine(opt, config.warmup_steps, config.steps, floor=min(1.0, floor))
+    sched = _scheduler(opt, config)
+    frozen = [p for n, p in model.named_parameters() if n.startswith(config.freeze_prefix)] \
+        if config.freeze_until else []
     init_loss = evaluate(model, data, config)
     mon = _make_monitor(monitor, model, opt, config)
     gen = torch.Generator().manual_seed(config.seed)
@@ -199,8 +258,14 @@ def train_one(config: TrainConfig, monitor: MonitorArg = None, progress: bool = 
     try:
         for step in range(config.steps):
             x, y = data.batch("train", config.batch_size, gen, config.device)
+            if config.data_switch_step and step >= config.data_switch_step:
+                perm = _SWITCH_PERM.to(x.device)
+                x, y = perm[x], perm[y]
             _, loss = model(x, y)
             loss.backward()
+            if step < config.freeze_until:
+                for p in frozen:
+                    p.grad = torch.zeros_like(p)
             if config.clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
             opt.step()

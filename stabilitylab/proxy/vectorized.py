@@ -83,15 +83,27 @@ def group_compatible(configs: Sequence[TrainConfig]) -> list[list[int]]:
     return list(groups.values())
 
 
+def unsupported(config: TrainConfig) -> str | None:
+    """Why ``train_many`` cannot train ``config`` (None when it can): it implements AdamW with warm-up +
+    cosine only, not ``lr_schedule``, ``data_switch_step`` or ``freeze_until``."""
+    if config.optimizer != "adamw":
+        return f"optimizer={config.optimizer!r} is not vectorised (only 'adamw')"
+    for name in ("lr_schedule", "data_switch_step", "freeze_until"):
+        if getattr(config, name):
+            return f"{name}={getattr(config, name)!r} is not vectorised"
+    return None
+
+
 def _check(configs: Sequence[TrainConfig], monitor_every: int | None, run_ids: Sequence[str] | None) -> None:
     if not isinstance(configs, Sequence) or isinstance(configs, (str, bytes)) or not configs:
         raise ValueError(f"train_many(configs={configs!r}): pass a non-empty list of TrainConfig")
     for i, c in enumerate(configs):
         if not isinstance(c, TrainConfig):
             raise TypeError(f"train_many(configs[{i}]=...): expected a TrainConfig, got {type(c).__name__}")
-    if configs[0].optimizer != "adamw":
-        raise ValueError(f"train_many: optimizer={configs[0].optimizer!r} is not vectorised (only 'adamw'); "
-                         "use train_one for it")
+    for i, c in enumerate(configs):
+        why = unsupported(c)
+        if why:
+            raise ValueError(f"train_many: configs[{i}].{why}; use train_one for it")
     ref = _fixed_fields(configs[0])
     for i, c in enumerate(configs[1:], start=1):
         for name, v in _fixed_fields(c).items():

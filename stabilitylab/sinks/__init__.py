@@ -1,4 +1,4 @@
-"""Where records go: memory, parquet (local default), console, W&B. All take the same tidy records."""
+"""Where records go: memory, parquet (local default), console, W&B, TensorBoard. All take the same tidy records."""
 
 from stabilitylab.sinks.base import Null, Records, Sink, records_to_frame
 from stabilitylab.sinks.console import Console
@@ -11,7 +11,11 @@ def __getattr__(name: str):
         from stabilitylab.sinks.wandb import WandB
 
         return WandB
+    if name == "TensorBoard":
+        from stabilitylab.sinks.tensorboard import TensorBoard
+
+        return TensorBoard
     raise AttributeError(name)
 
 
-__all__ = ["Console", "Memory", "Null", "Parquet", "Records", "Sink", "WandB", "read_history", "records_to_frame"]
+__all__ = ["Console", "Memory", "Null", "Parquet", "Records", "Sink", "TensorBoard", "WandB", "read_history", "records_to_frame"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class _Guarded:
         self.warned = False
         self.max_buffer = max_buffer
         self.dropped = 0
+        self.dropped_events = 0
 
     def _call(self, fn, *args) -> bool:
         try:
@@ -131,6 +133,9 @@ class _Guarded:
         self.pending_events.extend(events)
         if self._call(self.sink.write_events, list(self.pending_events)):
             self.pending_events.clear()
+        elif len(self.pending_events) > self.max_buffer:  # a sink down for good: keep the newest
+            self.dropped_events += len(self.pending_events) - self.max_buffer
+            del self.pending_events[: len(self.pending_events) - self.max_buffer]
 
     def flush(self) -> None:
         self.write_events([]) if self.pending_events else None
@@ -141,8 +146,10 @@ class _Guarded:
     def close(self) -> None:
         self.flush()
         self._call(self.sink.close)
-        if self.pending or self.dropped:
-            warnings.warn(
+        if self.pending or self.dropped or self.pending_events or self.dropped_events:
+            # The failure itself already warned once; the summary goes to the log, not a second warning.
+            logging.getLogger("stabilitylab").warning(
                 f"stabilitylab: sink {type(self.sink).__name__} could not write {len(self.pending)} "
-                f"logged steps before closing ({self.dropped} more were dropped beyond max_buffer="
-                f"{self.max_buffer}); they remain in Monitor.history() if keep_history", stacklevel=3)
+                f"logged steps and {len(self.pending_events)} events before closing ({self.dropped} steps and "
+                f"{self.dropped_events} events more were dropped beyond max_buffer={self.max_buffer}); the "
+                "steps remain in Monitor.history() if keep_history")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import pandas as pd
@@ -15,14 +16,17 @@ class Memory(Sink):
 
     Args:
         max_steps: keep at most this many logged steps (oldest dropped first); None keeps all.
+        max_events: keep at most this many events (oldest dropped first); None keeps all.
     """
 
-    def __init__(self, max_steps: int | None = None):
+    def __init__(self, max_steps: int | None = None, max_events: int | None = None):
         if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
             raise ValueError(f"Memory(max_steps={max_steps!r}): must be a positive int or None")
         self.max_steps = max_steps
         self.batches: list[Records] = []
-        self.events: list[Event] = []
+        if max_events is not None and (not isinstance(max_events, int) or max_events < 1):
+            raise ValueError(f"Memory(max_events={max_events!r}): must be a positive int or None")
+        self.events: deque[Event] = deque(maxlen=max_events)
 
     def write(self, records: Records) -> None:
         self.batches.append(records)

@@ -19,7 +19,10 @@ What lands in the run (``metric`` is a name from ``stabilitylab.metrics``, ``mod
 The sink logs into ``run`` if given, else into the active ``wandb.run`` (yours, Hugging Face's or
 Lightning's ``WandbLogger``'s), else starts its own run (``wandb.init``) and finishes it on close.
 If W&B cannot start or log, the Monitor warns once and training goes on; the records stay in
-``Monitor.history()`` and the Parquet sink.
+``Monitor.history()`` and the Parquet sink. A lost connection to W&B's service process (it was killed,
+or crashed) is permanent for this run: the sink stops calling into the client (each write then fails at
+once, so the Monitor keeps the records buffered up to its bound), sends no alerts, and ``close()``
+returns at once instead of waiting on a service that is gone.
 
 ``log_figures``, ``log_table`` and ``log_sweep_summary`` log figures and tables of a sweep.
 """
@@ -27,7 +30,6 @@ If W&B cannot start or log, the Monitor warns once and training goes on; the rec
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -39,31 +41,14 @@ import pandas as pd
 from stabilitylab import metrics as M
 from stabilitylab._checks import int_at_least
 from stabilitylab.probes.base import Event
+from stabilitylab.sinks._keys import WHOLE_MODEL, series_row, summary_key  # noqa: F401 - re-exported
+from stabilitylab.sinks._keys import series_key as wandb_key  # noqa: F401 - re-exported
 from stabilitylab.sinks.base import Records, Sink
 
 STEP_METRIC = "stabilitylab/step"
 EVENTS_KEY = "stabilitylab/events"
-WHOLE_MODEL = "model"
 _EVENT_COLUMNS = ["run_id", "step", "kind", "module", "value", "message"]
 _ALERT_LEVEL = {"nonfinite": "ERROR"}
-
-
-def wandb_key(metric: str, module: str) -> str:
-    """W&B key of one tidy record: ``"<metric>/<module>"``, ``"<metric>/model"`` for module ``""``."""
-    return f"{metric}/{module or WHOLE_MODEL}"
-
-
-def summary_key(metric: str) -> str:
-    """W&B key of a metric's summary series over its modules, e.g. ``"attn.max_logit/max"``."""
-    return f"{metric}/{M.spec(metric).summary}"
-
-
-def _fold(values: np.ndarray, how: str) -> float:
-    """max / min / mean over modules, ignoring NaN (NaN only when every value is NaN)."""
-    finite_or_inf = values[~np.isnan(values)]
-    if finite_or_inf.size == 0:
-        return math.nan
-    return float({"max": np.max, "min": np.min, "mean": np.mean}[how](finite_or_inf))
 
 
 def _require_wandb(caller: str) -> None:
@@ -111,6 +96,7 @@ class WandB(Sink):
         self._events_logged = 0
         self._alerted: set[str] = set()
         self._warned_alert = False
+        self.broken: str | None = None  # why the connection to W&B's service is gone for good
 
     # ------------------------------------------------------------------ run
     def open(self, run_id: str, config: dict[str, Any]) -> None:
@@ -146,18 +132,17 @@ class WandB(Sink):
     # ------------------------------------------------------------------ records
     def row(self, records: Records) -> dict[str, float]:
         """The W&B row of one logged step: per-module series, summary series and the step metric."""
-        by_metric: dict[str, list[tuple[str, float]]] = {}
-        for metric, module, value in zip(records.metric, records.module, np.asarray(records.value, float)):
-            by_metric.setdefault(metric, []).append((module, float(value)))
-        row: dict[str, float] = {STEP_METRIC: records.step}
-        for metric, pairs in by_metric.items():
-            named = [(m, v) for m, v in pairs if m]
-            if self.max_modules is None or len(named) <= self.max_modules:
-                row.update((wandb_key(metric, m), v) for m, v in named)
-            row.update((wandb_key(metric, m), v) for m, v in pairs if not m)
-            if named:
-                row[summary_key(metric)] = _fold(np.array([v for _, v in named]), M.spec(metric).summary)
-        return row
+        return {STEP_METRIC: records.step, **series_row(records, self.max_modules)}
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` on the W&B client; a lost service connection marks the sink broken for good."""
+        if self.broken is not None:
+            raise ConnectionError(f"W&B service connection lost earlier ({self.broken}); not retried")
+        try:
+            return fn(*args, **kwargs)
+        except (ConnectionError, BrokenPipeError) as e:
+            self.broken = f"{type(e).__name__}: {e}"
+            raise
 
     def write(self, records: Records) -> None:
         if self._run is None:
@@ -165,8 +150,8 @@ class WandB(Sink):
                 return
             self.open(records.run_id, {"run_id": records.run_id})
         for metric in dict.fromkeys(records.metric):
-            self._define(metric)
-        self._run.log(self.row(records))
+            self._call(self._define, metric)
+        self._call(self._run.log, self.row(records))
 
     def write_events(self, events: Sequence[Event]) -> None:
         if self._run is None:
@@ -179,13 +164,15 @@ class WandB(Sink):
                 self._alert(e)
 
     def _alert(self, e: Event) -> None:
+        if self.broken is not None:  # the write that found it broken already warned
+            return
         where = f" in {e.module}" if e.module else ""
         try:
-            self._run.alert(title=f"stabilitylab: {e.kind}"[:63],
+            self._call(self._run.alert, title=f"stabilitylab: {e.kind}"[:63],
                             text=f"run {e.run_id}, step {e.step}{where}: {e.message}",
                             level=_ALERT_LEVEL.get(e.kind, "WARN"))
         except Exception as err:  # noqa: BLE001 - alerts are best effort; the events table still has it
-            if not self._warned_alert:
+            if not self._warned_alert and self.broken is None:
                 self._warned_alert = True
                 warnings.warn(f"stabilitylab: W&B alert failed ({type(err).__name__}: {err}); events still go "
                               f"to the {EVENTS_KEY} table", stacklevel=3)
@@ -197,12 +184,18 @@ class WandB(Sink):
         import wandb
 
         frame = pd.DataFrame(self._events, columns=_EVENT_COLUMNS)
-        self._run.log({EVENTS_KEY: wandb.Table(dataframe=frame)})
+        self._call(self._run.log, {EVENTS_KEY: wandb.Table(dataframe=frame)})
         self._events_logged = len(self._events)
 
     def close(self) -> None:
         """Log pending events; finish the run if this sink started it. Closing twice is a no-op."""
         if self._run is None:
+            return
+        if self.broken is not None:  # nothing can reach W&B: release the run without waiting on it
+            run, self._run = self._run, None
+            self._failed = True
+            if self._owned:
+                _teardown_broken(run)
             return
         try:
             self.flush()
@@ -211,6 +204,25 @@ class WandB(Sink):
             self._failed = True  # closed: later writes are no-ops
             if self._owned:
                 run.finish()
+
+
+def _teardown_broken(run: Any) -> None:
+    """Drop a run whose service process is gone, and the dead service: ``finish`` only fails fast there
+    (before it clears ``wandb.run``), so the globals are cleared here and a later ``wandb.init`` in this
+    process starts a new service instead of reusing the dead one."""
+    import wandb
+
+    def unset() -> None:
+        if wandb.run is run:
+            from wandb.sdk.lib import module
+
+            module.unset_globals()
+
+    for fn in (run.finish, unset, wandb.teardown):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001, S110 - the connection is gone; these only fail fast
+            pass
 
 
 def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -318,3 +330,7 @@ def log_sweep_summary(runs: pd.DataFrame, figures: Mapping[str, Any] | None = No
         if owned:
             target.finish()
     return {"lr_sensitivity": sens, "keys": keys}
+
+
+# ---------------------------------------------------------------------- the stability view
+from stabilitylab.sinks.wandb_workspace import stability_workspace  # noqa: E402,F401 - re-exported

@@ -11,6 +11,15 @@ import pandas as pd
 from stabilitylab.sweeps.executors import EXECUTORS
 
 _STATUSES = ("ok", "diverged", "failed", "missing")
+#: Example specs to copy (paths relative to the repository root).
+EXAMPLE_SPECS = {
+    "examples/sweeps/demo.toml": "the `stabilitylab demo` study: 2 sizes x 6 LRs x {baseline, qk_layernorm}",
+    "examples/sweeps/lr_size_mitigation.toml": "LR x size x mitigation, 3 sizes, 2 seeds (report fits scaling)",
+    "examples/sweeps/hf_model.toml": "your own model: a Hugging Face GPT-2 via --train-fn",
+}
+SWEEP_EPILOG = "example specs to copy:\n" + "\n".join(f"  {k:42s} {v}" for k, v in EXAMPLE_SPECS.items()) + (
+    "\n\n  PYTHONPATH=examples stabilitylab sweep examples/sweeps/hf_model.toml --train-fn sweep_hf_model:train_gpt2"
+    "\n  then: stabilitylab report runs/<name>")
 
 
 def _load_train_fn(ref: str | None):
@@ -69,7 +78,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "sweep", help="train every point of a TOML sweep spec once (resumable)",
         description="Train every (size, variant, lr, seed) point of a TOML spec once into a store directory; "
-                    "re-running skips finished points. Exit status 1 if any run failed.")
+                    "re-running skips finished points. Exit status 1 if any run failed.",
+        epilog=SWEEP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("spec", help="TOML spec file (see stabilitylab.sweeps.spec for the format)")
     p.add_argument("--executor", choices=list(EXECUTORS), default="local",
                    help="local: sequential; processes: worker processes; ray: one Ray task per point; "

@@ -103,15 +103,15 @@ def run_ray(points: list[Point], train_fn: TrainFn | None, workers: int | None, 
 def run_vectorized(points: list[Point], train_fn: TrainFn | None, workers: int | None, address: str | None,
                    run_progress: bool) -> Iterator[Outcome]:
     """``stabilitylab.proxy.vectorized.train_many`` on each group of points with the same model config."""
-    from stabilitylab.proxy.vectorized import group_compatible, train_many
+    from stabilitylab.proxy.vectorized import group_compatible, train_many, unsupported
 
     if train_fn is not None:
         raise ValueError("sweep(executor='vectorized') trains the built-in proxy only; drop train_fn or use "
                          "executor='local', 'processes' or 'ray'")
-    adam = [p for p in points if p.config.optimizer != "adamw"]
-    for p in adam:  # train_many implements AdamW only: run the others one at a time
-        yield from run_local([p], None, workers, address, run_progress)
-    points = [p for p in points if p.config.optimizer == "adamw"]
+    for p in points:  # what train_many does not implement (other optimizers, schedules) runs one at a time
+        if unsupported(p.config):
+            yield from run_local([p], None, workers, address, run_progress)
+    points = [p for p in points if not unsupported(p.config)]
     for idx in group_compatible([p.config for p in points]):
         group = [points[i] for i in idx]
         try:

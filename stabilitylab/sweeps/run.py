@@ -35,7 +35,9 @@ def sweep(spec: SweepSpec | str | os.PathLike, executor: str = "local", store: s
     Points already finished in the store (status ``ok`` or ``diverged``) are skipped; ``failed`` ones are
     re-run unless ``retry_failed=False``; points with no row (never run, or in flight when a previous
     sweep was killed) are run. A run that raises is recorded as ``failed`` with its traceback and the
-    sweep goes on.
+    sweep goes on. Other sweeps may run on the same store at the same time: a point another process is
+    training is waited for and taken from the store, or re-trained here if that process died (see
+    ``stabilitylab.sweeps.store``).
 
     Args:
         spec: a ``SweepSpec`` or the path of a TOML spec.
@@ -74,6 +76,17 @@ def sweep(spec: SweepSpec | str | os.PathLike, executor: str = "local", store: s
     keep = FINISHED if retry_failed else (*FINISHED, "failed")
     todo = [p for p in points if rows.get(p.run_id, {}).get("status") not in keep]
     counts = {"done": 0, "diverged": 0, "failed": 0, "skipped": len(points) - len(todo)}
+    claims, deferred = {}, []
+    for p in todo:  # claim each point; one another process holds is waited for after ours
+        lk = st.claim(p.run_id)
+        if lk is None:
+            deferred.append(p)
+        elif st.status(p.run_id) in keep:  # finished by another sweep since rows() was read
+            lk.release()
+            counts["skipped"] += 1
+        else:
+            claims[p.run_id] = lk
+    mine = [p for p in todo if p.run_id in claims]
 
     from tqdm.auto import tqdm
 
@@ -82,20 +95,35 @@ def sweep(spec: SweepSpec | str | os.PathLike, executor: str = "local", store: s
     bar.set_postfix(counts)
     last_table = time.monotonic()
     try:
-        outcomes = EXECUTORS[executor](todo, train_fn, workers, address, run_progress) if todo else ()
-        for point, row, history in outcomes:
-            st.write(row, history)
-            rows[point.run_id] = row
-            counts["failed" if row["status"] == "failed" else "done"] += 1
-            counts["diverged"] += row["status"] == "diverged"
-            bar.set_postfix(counts, refresh=False)
-            bar.update(1)
-            if time.monotonic() - last_table > _TABLE_EVERY_S:
-                st.write_runs_table(list(rows.values()))
-                last_table = time.monotonic()
+        while mine:
+            for point, row, history in EXECUTORS[executor](mine, train_fn, workers, address, run_progress):
+                st.write(row, history)
+                claims.pop(point.run_id).release()
+                rows[point.run_id] = row
+                counts["failed" if row["status"] == "failed" else "done"] += 1
+                counts["diverged"] += row["status"] == "diverged"
+                bar.set_postfix(counts, refresh=False)
+                bar.update(1)
+                if time.monotonic() - last_table > _TABLE_EVERY_S:
+                    st.write_runs_table()
+                    last_table = time.monotonic()
+            mine = []
+            for p in deferred:  # held by another sweep: wait; re-train what its holder did not finish
+                lk = st.claim(p.run_id, wait=True)
+                if st.status(p.run_id) in keep:
+                    lk.release()
+                    counts["skipped"] += 1
+                    bar.update(1)
+                else:
+                    claims[p.run_id] = lk
+                    mine.append(p)
+            deferred = []
     finally:
         bar.close()
-        st.write_runs_table(list(rows.values()))
+        for lk in claims.values():
+            lk.release()
+        rows = st.rows()
+        st.write_runs_table()
     if counts["failed"]:
         warnings.warn(f"sweep {spec.name!r}: {counts['failed']} of {len(todo)} runs failed (see the 'error' "
                       f"column or `stabilitylab status {st.path}`); sweep() again to retry them", stacklevel=2)

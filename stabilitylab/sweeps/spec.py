@@ -67,6 +67,17 @@ class Point:
                 "seed": self.seed, **self.config.model.to_dict(), **train, "every": self.every}
 
 
+#: TrainConfig fields added after run ids were first published: left out of the hashed config while they
+#: hold their defaults, so stores written before they existed keep their run ids (and resume).
+_ID_OPTIONAL_FIELDS = ("lr_schedule", "data_switch_step", "freeze_until", "freeze_prefix")
+
+
+def _id_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as hashed into a run id (see ``_ID_OPTIONAL_FIELDS``)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.name in _ID_OPTIONAL_FIELDS}
+    return {k: v for k, v in config.items() if k not in defaults or v != defaults[k]}
+
+
 def canonical_json(obj: Any) -> str:
     """Deterministic JSON (sorted keys, no spaces): the text run ids are hashed from."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
@@ -278,7 +289,7 @@ class SweepSpec:
                         by_config[cfg_json] = where
                         key = {"size": size, "variant": variant, "every": self.every,
                                "probes": list(self.probes) if not isinstance(self.probes, str) else self.probes,
-                               "config": json.loads(cfg_json)}
+                               "config": _id_config(json.loads(cfg_json))}
                         rid = hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
                         points.append(Point(rid, lr, size, variant, seed, cfg, self.every, self.probes))
         return tuple(points)

@@ -6,11 +6,19 @@ Layout of ``path``::
     runs/<run_id>.parquet      one row per finished run (written last: its presence means "finished")
     history/<run_id>.parquet   that run's tidy monitor records (run_id, step, metric, module, value, wall_time)
     runs.parquet               every row in one table, rebuilt from runs/ (during and at the end of a sweep)
+    .lock                      store lock (``filelock``): spec.json updates and runs.parquet rebuilds
+    claims/<run_id>.lock       held (``filelock``) by the one process that trains that point right now
 
 Each file is written to a temp file and renamed into place (``atomic_write_parquet``), history before the
 row, so a killed sweep loses at most the runs in flight and never leaves a half-written file under its
 final name. Files in ``runs/`` or ``history/`` that are not readable results of this store are reported
 by name (one warning) and skipped.
+
+Several sweeps may run on one store at once (other processes, other machines on a shared filesystem
+with working ``flock``): each point is trained by the process that holds its claim; the others wait
+for that claim and then take the finished row, or re-train the point when its holder died mid-run
+(the operating system releases a killed process's locks). So every point is trained to completion
+once and ``runs.parquet``, rebuilt from ``runs/`` under the store lock, has one row per run.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from filelock import FileLock, Timeout
 
 from stabilitylab.sinks.base import records_to_frame
 from stabilitylab.sinks.parquet import atomic_write_parquet
@@ -51,7 +60,8 @@ def order_columns(df: pd.DataFrame) -> pd.DataFrame:
 
 
 class SweepStore:
-    """Reads and writes one sweep directory (see the module docstring). Only the driver writes it."""
+    """Reads and writes one sweep directory (see the module docstring). Only sweep drivers write it; several
+    may at once (claims and the store lock keep them apart)."""
 
     def __init__(self, path: str | os.PathLike):
         if not isinstance(path, (str, os.PathLike)) or str(path) == "":
@@ -60,6 +70,35 @@ class SweepStore:
         self.runs_dir = self.path / "runs"
         self.history_dir = self.path / "history"
         self.spec_file = self.path / "spec.json"
+        self.claims_dir = self.path / "claims"
+
+    # ------------------------------------------------------------------ locks
+    def lock(self) -> FileLock:
+        """The store-wide lock (``with store.lock(): ...``) around spec.json and runs.parquet updates."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.path / ".lock")
+
+    def claim(self, run_id: str, wait: bool = False) -> FileLock | None:
+        """Claim the point ``run_id`` for training in this process: the held lock, or None when another
+        process holds it (``wait=True`` blocks until it is released: finished, or its holder died).
+
+        Release it (``.release()``) once the point's row is written.
+        """
+        self.claims_dir.mkdir(parents=True, exist_ok=True)
+        lk = FileLock(self.claims_dir / f"{run_id}.lock", thread_local=False)
+        try:
+            lk.acquire(timeout=-1 if wait else 0)
+        except Timeout:
+            return None
+        return lk
+
+    def status(self, run_id: str) -> str | None:
+        """Status of ``run_id``'s row on disk (``ok``, ``diverged``, ``failed``), None when it has none."""
+        f = self.runs_dir / f"{run_id}.parquet"
+        try:
+            return str(pd.read_parquet(f, columns=["status"])["status"].iloc[0])
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
 
     # ------------------------------------------------------------------ spec
     def meta(self) -> dict[str, Any] | None:
@@ -82,6 +121,10 @@ class SweepStore:
         Raises:
             ValueError: the store holds a different spec (unless ``extend``) or another trainer's results.
         """
+        with self.lock():
+            self._open(spec, trainer, extend)
+
+    def _open(self, spec: SweepSpec, trainer: str, extend: bool) -> None:
         meta = self.meta()
         if meta is None:
             meta = {"format": FORMAT, "trainer": trainer, "specs": []}
@@ -153,10 +196,11 @@ class SweepStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else records_to_frame([])
 
-    def write_runs_table(self, rows: list[dict[str, Any]]) -> pd.DataFrame:
-        """Rebuild ``runs.parquet`` from ``rows`` (the per-run files' contents); returns the table."""
-        df = runs_frame(rows)
-        atomic_write_parquet(df, self.path / "runs.parquet")
+    def write_runs_table(self) -> pd.DataFrame:
+        """Rebuild ``runs.parquet`` from the per-run files, under the store lock; returns the table."""
+        with self.lock():
+            df = runs_frame(list(self.rows().values()))
+            atomic_write_parquet(df, self.path / "runs.parquet")
         return df
 
 

@@ -66,8 +66,8 @@ def _capture_references(family, model, n_layers, attention_mask, attn_reference)
                 q, k, scale = _reference_qk(family, mod, args, kwargs)
             B, _, Tn, _ = q.shape
             allowed = torch.ones(Tn, Tn, dtype=torch.bool).tril().expand(B, 1, Tn, Tn)
-            if attention_mask is not None:
-                allowed = allowed & attention_mask.bool()[:, None, None, :]
+            if attention_mask is not None:  # padded keys are masked; padded query rows do not count
+                allowed = allowed & attention_mask.bool()[:, None, None, :] & attention_mask.bool()[:, None, :, None]
             refs.setdefault(name, []).append(attn_reference(q, k, allowed=allowed, scale=scale))
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(pre, with_kwargs=True))
@@ -104,10 +104,11 @@ def test_hf_attention_matches_float64_reference(family, impl, padding, attn_refe
         assert vals[("attn.max_logit", name)] == pytest.approx(mx, rel=1e-9), name
         assert vals[("attn.entropy", name)] == pytest.approx(ent, rel=1e-9), name
         assert mx > 1.0  # the test exercises real, non-uniform attention
-    lse = torch.logsumexp(out.logits.detach().double(), dim=-1).reshape(-1)
+    keep = torch.ones(x.shape, dtype=torch.bool) if am is None else am.bool()  # logits.* skip padding
+    lse = torch.logsumexp(out.logits.detach().double(), dim=-1)[keep]
     assert vals[("logits.lse_mean", "")] == pytest.approx(lse.mean().item(), rel=1e-9, nan_ok=True)
     assert vals[("logits.lse_std", "")] == pytest.approx(lse.std().item(), rel=1e-7, nan_ok=True)
-    assert vals[("logits.max", "")] == pytest.approx(out.logits.max().item(), rel=1e-12, nan_ok=True)
+    assert vals[("logits.max", "")] == pytest.approx(out.logits[keep].max().item(), rel=1e-12, nan_ok=True)
 
 
 def test_hf_float32_model_matches_float64_reference(attn_reference):

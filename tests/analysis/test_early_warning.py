@@ -13,7 +13,8 @@ import torch
 
 from stabilitylab import Monitor
 from stabilitylab.analysis import EarlyWarning, divergence_step, evaluate_warnings
-from stabilitylab.analysis.early_warning import mann_kendall, robust_z
+from stabilitylab.analysis.early_warning import calibrate_warnings, mann_kendall, robust_z
+from stabilitylab.proxy import ProxyConfig, TrainConfig, train_one
 
 
 def _mk_reference(y):
@@ -69,35 +70,63 @@ def _history(run_id, n, every=10, blow_at=None, seed=0):
     return pd.DataFrame(rows, columns=["run_id", "step", "metric", "module", "value"])
 
 
+def _stable_calibration(seeds=range(20, 24), **detector):
+    """Calibrate on stable synthetic runs that share the logging schedule (the detector's design: thresholds
+    come from healthy runs, not from each run's own first values)."""
+    hist = pd.concat([_history(f"c{i}", 2000, seed=i) for i in seeds], ignore_index=True)
+    runs = pd.DataFrame({"run_id": [f"c{i}" for i in seeds]})
+    return calibrate_warnings(runs, hist, envelope=0, **detector)  # a flat schedule: one threshold per metric
+
+
 def test_fires_before_divergence_and_names_the_drifting_module():
+    cal = _stable_calibration(window=100)
     h = _history("div", 200, blow_at=100)
     dstep = divergence_step(h[h.metric == "loss"].set_index("step")["value"])
-    events = EarlyWarning().replay(h[h.step < dstep])
+    events = EarlyWarning(calibration=cal, window=100).replay(h[h.step < dstep])
     assert events, "no warning before divergence"
     first = events[0]
     assert first.kind == "early_warning" and first.module == "blocks.1.attn"
     assert first.extra["metric"] == "attn.max_logit"
     assert 100 * 10 < first.step < dstep - 50
+    assert first.extra["steps_left_lo"] <= first.extra["steps_left"] <= first.extra["steps_left_hi"]
 
 
 def test_quiet_on_long_stable_noisy_series_and_evaluate_summary():
+    cal = _stable_calibration(window=100)
     hist = [_history(f"s{i}", 2000, seed=i) for i in range(4)] + [_history("d", 200, blow_at=100, seed=9)]
     history = pd.concat(hist, ignore_index=True)
     runs = pd.DataFrame({"run_id": [f"s{i}" for i in range(4)] + ["d"], "lr": 1e-2, "final_loss": 3.0,
                          "init_loss": 5.5, "diverged": [False] * 4 + [True]})
-    per_run, summary = evaluate_warnings(runs, history)
+    per_run, summary = evaluate_warnings(runs, history, calibration=cal, window=100)
     assert summary["n_diverged"] == 1 and summary["n_warned_in_time"] == 1
     assert summary["median_lead_steps"] >= 50
     assert summary["false_alarm_step_rate"] < 5e-4
     d = per_run.set_index("run_id").loc["d"]
-    assert d["lead_steps"] == d["diverge_step"] - d["first_warning"]
+    assert d["label"] == "diverged" and d["lead_steps"] == d["diverge_step"] - d["first_warning"]
+    assert (per_run.set_index("run_id").loc[[f"s{i}" for i in range(4)], "label"] == "stable").all()
+
+
+def test_live_probe_and_offline_replay_raise_the_same_warnings():
+    cal = {"thresholds": {m: 0.05 for m in ("attn.max_logit", "attn.entropy", "update.ratio", "loss")}}
+    live = []
+    ew = EarlyWarning(calibration=cal, burn_in=10, window=20, persist=2, cooldown=15, callback=live.append)
+    cfg = TrainConfig(model=ProxyConfig(d_model=16, n_layers=1, head_dim=8, seq_len=16), steps=80, batch_size=4,
+                      lr=0.3, lr_schedule="0:0.05,80:1", eval_batches=1)
+    with pytest.warns(RuntimeWarning, match="early warning"):
+        res = train_one(cfg, monitor=lambda m, o: Monitor(m, optimizer=o, every=1, run_id="live",
+                                                          probes=["attention", "optimizer", ew]))
+    offline = EarlyWarning(calibration=cal, burn_in=10, window=20, persist=2, cooldown=15).replay(res.history)
+    assert len(offline) >= 2
+    assert [(e.step, e.extra["metric"], e.module, e.extra["steps_left"]) for e in live] == \
+        [(e.step, e.extra["metric"], e.module, e.extra["steps_left"]) for e in offline]
+    assert ew.alarm_steps and ew.alarm_steps[0] == offline[0].step
 
 
 def test_monitor_integration_emits_event_warning_callback_and_snapshot(tmp_path):
     model = torch.nn.Linear(2, 2)
     got = []
-    ew = EarlyWarning(watch={"loss": "log"}, min_metrics=1, warmup=5, window=6, snapshot_dir=tmp_path, snapshot_steps=7,
-                      callback=got.append)
+    ew = EarlyWarning(watch={"loss": "log"}, min_metrics=1, calibration={"thresholds": {"loss": 5.0}}, burn_in=5, window=6,
+                      persist=0, snapshot_dir=tmp_path, snapshot_steps=7, callback=got.append)
     mon = Monitor(model, probes=[ew], every=1, run_id="r1")
     rng = np.random.default_rng(0)
     with pytest.warns(RuntimeWarning, match="early warning"):
@@ -116,12 +145,16 @@ def test_monitor_integration_emits_event_warning_callback_and_snapshot(tmp_path)
     assert len(list(tmp_path.rglob("event.json"))) == 1  # max_snapshots=1
 
 
-def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match="votes"):
-        EarlyWarning(votes=4)
+def test_bad_arguments_name_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="margin"):
+        EarlyWarning(margin=0)
     with pytest.raises(ValueError, match="watch"):
         EarlyWarning(watch={"loss": "sqrt"})
     with pytest.raises(ValueError, match="min_metrics"):
-        EarlyWarning(watch={"loss": "log"})
+        EarlyWarning(watch={"loss": "log"}, min_metrics=2)
     with pytest.raises(TypeError, match="callback"):
         EarlyWarning(callback=3)
+    with pytest.raises(FileNotFoundError, match="calibration-out"):
+        EarlyWarning(calibration=tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="no run stayed stable"):
+        calibrate_warnings(pd.DataFrame({"run_id": ["d"]}), _history("d", 200, blow_at=100))

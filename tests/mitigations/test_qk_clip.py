@@ -160,3 +160,46 @@ def test_before_forward_mode_on_hf_gpt2_with_cache_and_dropout():
     model(x)  # evaluation forwards never clip
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     clip.close()
+
+
+def _cache_of(out):
+    """The KV cache a HF forward returned (``cache`` in transformers 5.x, ``past_key_values`` in 4.x)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama_gqa"])
+def test_before_forward_clip_keeps_the_cache_and_the_kv_gradients_of_an_unclipped_model(family):
+    build = tiny_gpt2 if family == "gpt2" else (lambda: tiny_llama(kv_heads=2))
+    model, ref = build(), build()
+    blocks = model.transformer.h if family == "gpt2" else model.model.layers
+    with torch.no_grad():
+        for p in (blocks[0].attn if family == "gpt2" else blocks[0].self_attn).parameters():
+            p.mul_(6.0)  # large logits in layer 0
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    clip = QKClip(model, 1e30, mode="before_forward")
+    with torch.no_grad():
+        model(x, use_cache=False)  # measures every head; a threshold of 1e30 clips nothing
+    tau = float(torch.cat(list(clip.probe.head_max.values())).median())
+    clip.threshold = tau
+    out = model(x, labels=x, use_cache=True)
+    out.loss.backward()
+    assert float(torch.cat(list(clip.last_gamma.values())).min()) < 1.0  # it did clip
+    # reference: the un-clipped model with the weights the clipped one trained with (clip is in place)
+    ref.load_state_dict(model.state_dict())
+    ref_out = ref(x, labels=x, use_cache=True)
+    ref_out.loss.backward()
+    lengths = [_cache_of(out).get_seq_length(i) for i in range(len(blocks))]
+    assert lengths == [_cache_of(ref_out).get_seq_length(i) for i in range(len(blocks))] == [12, 12]
+    torch.testing.assert_close(out.loss, ref_out.loss)
+    ref_params = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[n].grad, msg=n)
+    for block in blocks:
+        if family == "gpt2":
+            C = block.attn.embed_dim
+            kv_grads = [block.attn.c_attn.weight.grad[:, C:2 * C], block.attn.c_attn.weight.grad[:, 2 * C:]]
+        else:
+            kv_grads = [block.self_attn.k_proj.weight.grad, block.self_attn.v_proj.weight.grad]
+        assert all(float(g.abs().max()) > 0 for g in kv_grads)
+    clip.close()

@@ -32,7 +32,7 @@ def _expected(model, opt, grads, before) -> dict[tuple[str, str], float]:
         exp[(M.PARAM_RMS, n)] = math.sqrt((p1 ** 2).mean().item())
         d = p1 - p0
         exp[(M.UPDATE_RMS, n)] = math.sqrt((d ** 2).mean().item())
-        exp[(M.UPDATE_RATIO, n)] = math.sqrt((d ** 2).sum().item()) / math.sqrt((p0 ** 2).sum().item())
+        exp[(M.UPDATE_RATIO, n)] = math.sqrt((d ** 2).sum().item() / ((p1 ** 2).sum().item() + p1.numel() * 1e-16))
         st = opt.state[p]
         group = next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
         t = float(st["step"])
@@ -185,3 +185,41 @@ def test_non_logged_steps_register_no_grad_hooks_and_compute_nothing(setup, tiny
     assert all(c > 0 for i, c in enumerate(per_step) if i % 3 == 0), per_step
     mon.close()
     assert probe._grad_hooks == [] and not probe.attached
+
+
+def _tiny_hf_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=0, eos_token_id=0, attn_implementation="eager"))
+
+
+@pytest.mark.parametrize("family", ["proxy", "hf_gpt2"])
+def test_zero_initialised_tensors_get_a_finite_update_ratio_and_no_health_event_at_step_0(family, tiny_cfg):
+    from stabilitylab.proxy import ProxyTransformer
+
+    model = ProxyTransformer(tiny_cfg) if family == "proxy" else _tiny_hf_gpt2()
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = _params_before(model)
+    zero = [n for n, p in before.items() if not p.any()]
+    with Monitor(model, optimizer=opt, every=1) as mon:  # the default probes, health included
+        loss = model(x, x)[1] if family == "proxy" else model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step(loss)
+        h = mon.history()
+        assert mon.events == []
+    assert h[(h.metric == M.HEALTH_NONFINITE) & (h.module == "metrics")]["value"].tolist() == [0.0]
+    ratio = h[h.metric == M.UPDATE_RATIO].set_index("module")["value"]
+    assert set(ratio.index) == set(before) and ratio.map(math.isfinite).all()
+    for n, p in _named(model):  # float64 reference: ||dp|| / sqrt(||p_after||^2 + n * 1e-16)
+        p1 = p.detach().double()
+        d = p1 - before[n]
+        want = math.sqrt((d ** 2).sum().item() / ((p1 ** 2).sum().item() + p1.numel() * 1e-16))
+        assert ratio[n] == pytest.approx(want, rel=2e-5, abs=1e-9), n
+    if family == "hf_gpt2":
+        assert len(zero) >= 8  # every bias and LayerNorm bias starts at zero; its first update is all of it
+        assert all(ratio[n] == pytest.approx(1.0, rel=1e-6) for n in zero)

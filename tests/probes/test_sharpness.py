@@ -132,3 +132,49 @@ def test_sharpness_needs_optimizer_and_checks_args():
         SharpnessProbe(loss_fn=3)
     with pytest.raises(ValueError, match="optimizer"):
         Monitor(torch.nn.Linear(2, 2), probes=[SharpnessProbe(loss_fn=lambda: torch.zeros(()))])
+
+
+class _CountingCache:
+    """A KV cache by duck typing that counts how often a forward appends to it."""
+
+    def __init__(self):
+        self.updates = 0
+
+    def update(self, key, value, layer_idx=0):
+        self.updates += 1
+        return key, value
+
+    def get_seq_length(self, layer_idx=0):
+        return self.updates
+
+
+class _CachedRegression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+        self.replay_use_cache = []
+
+    def forward(self, x, y, kv=None, use_cache=False):
+        if kv is not None:
+            kv.update(x, x)
+        self.replay_use_cache.append(use_cache)
+        return ((self.lin(x) - y) ** 2).mean()
+
+
+def test_replay_never_extends_a_live_kv_cache():
+    torch.manual_seed(0)
+    model = _CachedRegression()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y, cache = torch.randn(8, 4), torch.randn(8, 1), _CountingCache()
+    with Monitor(model, optimizer=opt, every=1, probes=[SharpnessProbe(every=1)]) as mon:
+        for _ in range(3):
+            loss = model(x, y, kv=cache, use_cache=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            mon.step(loss)
+        h = mon.history()
+    sharp = h[h.metric == "sharpness.preconditioned"]
+    assert len(sharp) == 3 and np.isfinite(sharp["value"]).all()  # the replay ran on every logged step
+    assert cache.updates == 3  # the training forwards only
+    assert model.replay_use_cache.count(False) == 3  # each replay ran with use_cache=False

@@ -113,3 +113,23 @@ def test_history_default_run_id_is_empty_and_frames_concatenate():
     assert set(frames["run_id"]) == {""}
     assert sorted(frames["step"].unique()) == [0, 2]
     assert frames["value"].notna().all()
+
+
+@pytest.mark.parametrize("field, value", [("lr_schedule", "0:1,10:2"), ("data_switch_step", 5),
+                                          ("freeze_until", 5), ("optimizer", "adam_atan2")])
+def test_train_many_refuses_what_it_does_not_implement_naming_the_field(field, value):
+    cfg = _cfg(1e-3, steps=4, **{field: value})
+    with pytest.raises(ValueError, match=f"{field}=.*use train_one"):
+        train_many([cfg])
+
+
+def test_vectorized_sweep_trains_a_scheduled_point_one_at_a_time_like_local(tmp_path):
+    from stabilitylab.sweeps import SweepSpec, sweep
+
+    spec = SweepSpec(name="sched", sizes=["xs"], lrs=[1e-3, 3e-3], steps=6, batch_size=2, seq_len=8,
+                     every=3, train={"lr_schedule": "0:0.5,3:1"})
+    vec = sweep(spec, executor="vectorized", store=tmp_path / "vec", progress=False)
+    loc = sweep(spec, executor="local", store=tmp_path / "loc", progress=False)
+    a = vec.set_index("run_id")["final_loss"].sort_index()
+    b = loc.set_index("run_id")["final_loss"].sort_index()
+    pd.testing.assert_series_equal(a, b)

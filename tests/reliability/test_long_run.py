@@ -25,3 +25,16 @@ def test_buffers_do_not_grow_beyond_what_sinks_flush(tmp_path, keep_history):
     late = [s["buffered_records"] for s in r["samples"] if s["step"] > steps // 2]
     assert max(late) <= bound
     assert r["heap_growth_mib"] < 1.0  # no per-step Python allocation that survives
+
+
+def test_events_stay_within_max_events_and_the_dropped_ones_are_counted(tmp_path):
+    steps, fault_every, max_events = 300, 10, 12
+    r = run(False, steps, sample=50, store=tmp_path, fault_every=fault_every, max_events=max_events, heap=False)
+    faults = steps // fault_every
+    assert r["faults"] == faults == 30
+    assert max(s["events_held"] for s in r["samples"]) <= max_events
+    assert r["events_held"] == max_events
+    # Every fault was one probe_error event; the final events_dropped event joins the bounded buffer too.
+    assert r["events_dropped"] == faults + 1 - max_events
+    assert r["probe_errors_on_disk"] == faults  # the sinks got every event
+    assert r["events_dropped_events"] == 1

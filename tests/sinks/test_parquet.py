@@ -60,7 +60,7 @@ def test_parts_appear_during_the_run_atomically_and_equal_history(tiny_model, ti
 
 
 def test_buffered_records_are_flushed_on_close_and_history_from_parquet(tiny_model, tiny_batch, tmp_path):
-    sink = sinks.Parquet(tmp_path / "p", flush_records=10**9, flush_seconds=1e9)
+    sink = sinks.Parquet(tmp_path / "p", flush_records=10**9, flush_every_s=None)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=1e-3)
     mon = Monitor(tiny_model, optimizer=opt, every=1, sinks=[sink], keep_history=False, run_id="r")
     _loop(tiny_model, tiny_batch, mon, 3)

@@ -123,3 +123,21 @@ def test_to_toml_refuses_null_inside_overrides():
     assert spec.points()[0].config.clip is None
     with pytest.raises(ValueError, match="variants.clip = None has no TOML form"):
         spec.to_toml()
+
+
+def test_fields_added_later_keep_old_run_ids_while_at_their_defaults():
+    from dataclasses import asdict
+
+    from stabilitylab.sweeps.spec import _ID_OPTIONAL_FIELDS, canonical_json
+
+    spec = SweepSpec(sizes=["xs"], lrs=[1e-3], steps=20)
+    p = spec.points()[0]
+    # The id is the hash of the config as it was before these fields existed.
+    old_config = {k: v for k, v in json.loads(canonical_json(asdict(p.config))).items()
+                  if k not in _ID_OPTIONAL_FIELDS}
+    import hashlib
+
+    key = {"size": "xs", "variant": p.variant, "every": spec.every, "probes": spec.probes, "config": old_config}
+    assert p.run_id == hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
+    scheduled = SweepSpec(sizes=["xs"], lrs=[1e-3], steps=20, train={"lr_schedule": "0:1,10:2"}).points()[0]
+    assert scheduled.run_id != p.run_id

@@ -1,0 +1,525 @@
+"""Pure detectors (no torch, no sinks): outcome labels of a run, and the runaway-growth early warning.
+
+Outcome of a run (``label_outcome``), from its training loss only, so no detector can influence it:
+``e_t`` is the EMA of the finite losses (``alpha = 2 / (span + 1)``) and ``b_t = min_{s <= t} e_s`` its
+running best. An *excursion* starts at the first step with ``e_t > b_t + rise``; it *recovers* when, within
+``patience`` steps, ``e`` falls back to ``<= b_start + recover``. The run is
+
+- ``diverged`` at the start of the first excursion that does not recover (within ``patience`` steps or
+  before the run ends), or at the first non-finite loss when no excursion is in progress;
+- ``spiked_recovered`` when it had at least one excursion and all of them recovered;
+- ``stable`` otherwise.
+
+Runaway-growth warning (``RunawayDetector``), after papers.md section 7: healthy trends decelerate,
+runaway ones accelerate. Each watched ``(metric, module)`` series is transformed into log space
+(``log x``; ``-log x`` for signals that collapse toward 0 such as attention entropy; ``x`` for signals that
+already are logs, e.g. log Z), and on each logged step ``t`` the detector computes
+
+- ``g_t``: the least-squares slope of the transformed series over the last ``window`` steps, per 100 steps;
+- the score ``s_t = g_t`` if ``g_t > 0`` and the trend accelerates (``g_t > accel * max(g_{t - window}, 0)``),
+  else 0.
+
+A series is *hot* when ``s_t > threshold[metric]`` on every logged step of the last ``persist`` steps.
+A warning is raised when series of at least ``min_metrics`` different metrics have been hot within the
+last ``window`` steps. Thresholds are calibrated (``calibrate``) as ``margin`` x the largest score seen on
+runs that stayed stable (or spiked and recovered), per ``envelope``-step bin of training (and its two
+neighbours), so they follow the schedule the calibration runs share and the false-alarm rate is set by
+healthy runs, not by each run's own early noise. Window, persistence and
+burn-in are in *steps*, so the same settings apply at every logging interval.
+
+Each warning carries a forecast: the leading series (the hot one with the largest ``s / threshold``), its
+metric and module, and the steps left to divergence ``(level_at_divergence[metric] - x_t) / g_t``
+(``g_t`` per step), with the interval ``[estimate * ratio_lo, estimate * ratio_hi]`` where the ratios are
+quantiles of (true steps left / estimate) on the calibration runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+OUTCOMES = ("stable", "spiked_recovered", "diverged")
+TRANSFORMS = ("log", "neglog", "identity")
+
+#: watched metric -> transform of the default warning.
+DEFAULT_WATCH: dict[str, str] = {
+    "attn.max_logit": "log",
+    "attn.entropy": "neglog",
+    "logits.lse_mean": "identity",
+    "logits.max": "log",
+    "grad.global_norm": "log",
+    "update.ratio": "log",
+    "loss": "log",
+}
+
+
+# ---------------------------------------------------------------------------------------------- building blocks
+def _median(v: Sequence[float]) -> float:
+    s = sorted(v)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def robust_z(baseline: Sequence[float], x: float, floor: float = 0.0) -> float:
+    """``(x - median(b)) / max(1.4826 * MAD(b), floor)``; 0 when the scale is 0 and x equals the median."""
+    med = _median(baseline)
+    scale = max(1.4826 * _median([abs(b - med) for b in baseline]), floor)
+    if scale == 0:
+        return 0.0 if x == med else math.copysign(math.inf, x - med)
+    return (x - med) / scale
+
+
+def mann_kendall(y: Sequence[float]) -> float:
+    """Mann-Kendall trend statistic Z (normal approximation, tie-corrected); > 0 for an upward trend.
+
+    ``S = sum_{i<j} sign(y_j - y_i)``, ``Var S = [n(n-1)(2n+5) - sum_t t(t-1)(2t+5)] / 18`` over tie
+    groups of size t, ``Z = (S - sign(S)) / sqrt(Var S)``.
+    """
+    y = [float(v) for v in y]
+    n = len(y)
+    if n < 3:
+        return 0.0
+    s = 0
+    for i in range(n - 1):
+        yi = y[i]
+        for yj in y[i + 1:]:
+            s += (yj > yi) - (yj < yi)
+    ties = Counter(y).values()
+    var = (n * (n - 1) * (2 * n + 5) - sum(t * (t - 1) * (2 * t + 5) for t in ties)) / 18.0
+    if s == 0 or var <= 0:
+        return 0.0
+    return (s - math.copysign(1.0, s)) / math.sqrt(var)
+
+
+# ---------------------------------------------------------------------------------------------- outcomes
+@dataclass(frozen=True)
+class Outcome:
+    """A run's outcome: ``label`` (one of ``OUTCOMES``), the divergence step (NaN unless diverged) and
+    the start steps of the excursions that recovered."""
+
+    label: str
+    diverge_step: float
+    spike_steps: tuple[int, ...] = ()
+
+
+def label_outcome(steps: Sequence[int], loss: Sequence[float], span: int = 20, rise: float = 0.5,
+                  recover: float = 0.25, patience: int = 100) -> Outcome:
+    """Label a run from its per-step training loss (see the module docstring for the definition).
+
+    Args:
+        steps: optimizer steps of the losses (increasing).
+        loss: training losses (nats); non-finite values are allowed.
+        span: EMA span in logged values.
+        rise: excursion threshold above the running best of the EMA (nats).
+        recover: an excursion recovers when the EMA is back within ``recover`` nats of the best.
+        patience: steps an excursion has to recover.
+
+    Returns:
+        the ``Outcome``.
+    """
+    if not (0 <= recover < rise):
+        raise ValueError(f"label_outcome(recover={recover!r}, rise={rise!r}): need 0 <= recover < rise")
+    if span < 1 or patience < 1:
+        raise ValueError(f"label_outcome(span={span!r}, patience={patience!r}): both must be >= 1")
+    steps = [int(s) for s in steps]
+    loss = [float(v) for v in loss]
+    if len(steps) != len(loss):
+        raise ValueError(f"label_outcome: {len(steps)} steps but {len(loss)} losses")
+    alpha = 2.0 / (span + 1)
+    ema, best = math.nan, math.inf
+    start: int | None = None
+    base = math.nan
+    spikes: list[int] = []
+    for step, v in zip(steps, loss):
+        if not math.isfinite(v):
+            return Outcome("diverged", float(start if start is not None else step), tuple(spikes))
+        ema = v if math.isnan(ema) else ema + alpha * (v - ema)
+        if start is not None:
+            if ema <= base + recover:
+                spikes.append(start)
+                start = None
+            elif step - start > patience:
+                return Outcome("diverged", float(start), tuple(spikes))
+        elif ema > best + rise:
+            start, base = step, best
+        best = min(best, ema)
+    if start is not None:
+        return Outcome("diverged", float(start), tuple(spikes))
+    return Outcome("spiked_recovered" if spikes else "stable", math.nan, tuple(spikes))
+
+
+# ---------------------------------------------------------------------------------------------- detector
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What the detector learned from calibration runs (``calibrate``), and where from."""
+
+    thresholds: Mapping[str, Any]
+    """metric -> score threshold (slope per 100 steps of the transformed signal): one number, or a list
+    with one threshold per ``bin_steps`` steps of training (the last one holds beyond the list)."""
+    bin_steps: int = 0
+    """Width of the step bins of list thresholds (0: thresholds are single numbers)."""
+    level_at_divergence: Mapping[str, float] = field(default_factory=dict)
+    """metric -> median transformed level (max over modules) at divergence on calibration runs."""
+    ratio_lo: float = 0.3
+    """Low quantile (10%) of true steps left / estimate on calibration warnings."""
+    ratio_hi: float = 3.0
+    """High quantile (90%) of true steps left / estimate on calibration warnings."""
+    fallback_lead: float = 100.0
+    """Steps-left estimate when the leading signal has no usable level at divergence."""
+    source: str = ""
+    """What it was calibrated on (benchmark version, runs)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": dict(self.thresholds), "bin_steps": self.bin_steps,
+                "level_at_divergence": dict(self.level_at_divergence),
+                "ratio_lo": self.ratio_lo, "ratio_hi": self.ratio_hi, "fallback_lead": self.fallback_lead,
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
+        return cls(**dict(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectorConfig:
+    """Settings of ``RunawayDetector``; lengths are in optimizer steps, so they hold at any logging interval."""
+
+    watch: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_WATCH))
+    """metric -> transform (``log``, ``neglog``, ``identity``)."""
+    window: int = 60
+    """Steps in the slope fit; also the acceleration lag and how long a hot series counts."""
+    persist: int = 0
+    """Steps a series must stay above its threshold before it counts (0: from the first step above)."""
+    burn_in: int = 60
+    """Steps before any series can be hot (early training moves every signal)."""
+    min_metrics: int = 2
+    """Distinct metrics that must be hot (within ``window`` steps) for a warning."""
+    margin: float = 1.0
+    """Threshold multiplier applied on top of the calibration thresholds."""
+    cooldown: int = 50
+    """Steps after a warning before the next one."""
+    accel: float = 1.5
+    """Acceleration gate: a series scores only while ``g_t > accel * max(g_{t - window}, 0)``."""
+    envelope: int = 50
+    """``calibrate``: 0 gives one threshold per metric (max over all steps after burn-in); ``n > 0`` gives
+    one per ``n``-step bin of training (max over that bin and its two neighbours), an envelope that
+    follows the schedule shared by the calibration runs."""
+
+    def __post_init__(self) -> None:
+        bad = {m: t for m, t in dict(self.watch).items() if t not in TRANSFORMS}
+        if bad or not self.watch:
+            raise ValueError(f"DetectorConfig(watch={bad or dict(self.watch)}): give a non-empty metric -> "
+                             f"transform mapping with transforms in {TRANSFORMS}")
+        for name, lo in (("window", 3), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
+                         ("envelope", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"DetectorConfig({name}={v!r}): must be an int >= {lo}")
+        if self.min_metrics > len(self.watch):
+            raise ValueError(f"DetectorConfig(min_metrics={self.min_metrics}): only {len(self.watch)} metrics are "
+                             "watched; lower min_metrics or watch more metrics")
+        if not (isinstance(self.margin, (int, float)) and self.margin > 0):
+            raise ValueError(f"DetectorConfig(margin={self.margin!r}): must be a number > 0")
+        if not (isinstance(self.accel, (int, float)) and self.accel >= 0):
+            raise ValueError(f"DetectorConfig(accel={self.accel!r}): must be a number >= 0 (0: no gate)")
+
+
+@dataclass(frozen=True)
+class WarningForecast:
+    """One early warning with its forecast."""
+
+    step: int
+    metric: str
+    module: str
+    score: float
+    """Leading series' score over its threshold (> 1)."""
+    steps_left: float
+    steps_left_lo: float
+    steps_left_hi: float
+    hot: tuple[tuple[str, str], ...]
+    """Every hot (metric, module) at the warning."""
+
+
+class _Slope:
+    """Least-squares slope of (step, value) over a trailing window of steps, O(1) per update."""
+
+    __slots__ = ("pts", "window", "n", "st", "sx", "stt", "stx", "t0", "slopes")
+
+    def __init__(self, window: int):
+        self.pts: deque[tuple[float, float]] = deque()
+        self.window = window
+        self.n = 0
+        self.st = self.sx = self.stt = self.stx = 0.0
+        self.t0: float | None = None
+        self.slopes: deque[tuple[int, float]] = deque()
+
+    def add(self, step: int, x: float) -> float:
+        if self.t0 is None:
+            self.t0 = float(step)
+        t = step - self.t0
+        self.pts.append((t, x))
+        self.n += 1
+        self.st += t
+        self.sx += x
+        self.stt += t * t
+        self.stx += t * x
+        while self.pts and t - self.pts[0][0] >= self.window:
+            ot, ox = self.pts.popleft()
+            self.n -= 1
+            self.st -= ot
+            self.sx -= ox
+            self.stt -= ot * ot
+            self.stx -= ot * ox
+        if self.n < 2:
+            return math.nan
+        den = self.n * self.stt - self.st * self.st
+        if den <= 1e-9 * max(1.0, self.n * self.stt):
+            return math.nan
+        return (self.n * self.stx - self.st * self.sx) / den
+
+    def lagged(self, step: int, slope: float) -> float:
+        """Record this step's slope; return the slope from about ``window`` steps ago (NaN if none)."""
+        self.slopes.append((step, slope))
+        old = math.nan
+        while self.slopes and step - self.slopes[0][0] >= self.window:
+            old = self.slopes.popleft()[1]
+        return old
+
+
+def transform(value: float, how: str) -> float:
+    """The detector's transform of one raw value (NaN where undefined)."""
+    if not math.isfinite(value):
+        return math.nan
+    if how == "identity":
+        return value
+    if value <= 0:
+        return math.nan
+    return math.log(value) if how == "log" else -math.log(value)
+
+
+#: One logged step's scored series: ``[((metric, module), score, slope per step, transformed level), ...]``.
+Scored = list[tuple[tuple[str, str], float, float, float]]
+
+
+class RunawayDetector:
+    """Online runaway-growth warning over logged values (see the module docstring).
+
+    ``update(step, values)`` is ``decide(step, score(step, values))``: ``score`` keeps the per-series slope
+    fits, ``decide`` the hot/warning state. Offline evaluation scores each run once and replays ``decide``
+    under several thresholds; the live probe calls ``update``; both run this code.
+
+    Args:
+        config: detector settings.
+        calibration: thresholds and forecast constants; None scores but never warns.
+    """
+
+    def __init__(self, config: DetectorConfig | None = None, calibration: Calibration | None = None):
+        self.config = config or DetectorConfig()
+        self.calibration = calibration
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every series (a new run)."""
+        self._series: dict[tuple[str, str], _Slope] = {}
+        self._above: dict[tuple[str, str], int] = {}
+        self._hot_at: dict[tuple[str, str], int] = {}
+        cal = self.calibration
+        self._bin = cal.bin_steps if cal is not None else 0
+        self._thresholds = {} if cal is None else \
+            {m: [self.config.margin * float(v) for v in t] if isinstance(t, (list, tuple))
+             else self.config.margin * float(t) for m, t in cal.thresholds.items()}
+        self._first: int | None = None
+        self._last_warning = -(10**12)
+        self.warnings: list[WarningForecast] = []
+        self.alarm_steps: list[int] = []
+
+    def score(self, step: int, values: Mapping[tuple[str, str], float]) -> Scored:
+        """Update the slope fits with one logged step's raw values; returns the scored watched series."""
+        out: Scored = []
+        watch = self.config.watch
+        for key, raw in values.items():
+            how = watch.get(key[0])
+            if how is None:
+                continue
+            x = transform(float(raw), how)
+            if math.isnan(x):
+                continue
+            fit = self._series.get(key)
+            if fit is None:
+                fit = self._series[key] = _Slope(self.config.window)
+            g = fit.add(step, x)
+            old = fit.lagged(step, g)
+            ok = g > 0 and old == old and g > self.config.accel * max(old, 0.0)
+            out.append((key, 100.0 * g if ok else 0.0, g, x))
+        return out
+
+    def decide(self, step: int, scored: Scored) -> WarningForecast | None:
+        """Hot series and warnings from one step's scores; ``alarm_steps`` gets every step with enough
+        hot metrics (also inside the cooldown)."""
+        cfg = self.config
+        if self._first is None:
+            self._first = step
+        if step - self._first < cfg.burn_in:
+            return None
+        thresholds = self._thresholds
+        b = (step - self._first) // self._bin if self._bin else 0
+        above: dict[tuple[str, str], int] = {}
+        hot = []
+        for key, score, slope, level in scored:
+            thr = thresholds.get(key[0], math.inf)
+            if type(thr) is list:
+                thr = thr[min(b, len(thr) - 1)]
+            if score > thr:
+                since = self._above.get(key, step)
+                above[key] = since
+                if step - since >= cfg.persist:
+                    self._hot_at[key] = step
+                    hot.append((score / thr, key, slope, level))
+        self._above = above
+        if not hot:
+            return None
+        recent = {k for k, at in self._hot_at.items() if step - at < cfg.window}
+        if len({k[0] for k in recent}) < cfg.min_metrics:
+            return None
+        self.alarm_steps.append(step)
+        if step - self._last_warning < cfg.cooldown:
+            return None
+        self._last_warning = step
+        ratio, (metric, module), slope, level = max(hot, key=lambda h: h[0])
+        est, lo, hi = self.forecast(metric, level, slope)
+        w = WarningForecast(step, metric, module, ratio, est, lo, hi, tuple(sorted(recent)))
+        self.warnings.append(w)
+        return w
+
+    def update(self, step: int, values: Mapping[tuple[str, str], float]) -> WarningForecast | None:
+        """Feed one logged step's raw values (``{(metric, module): value}``); returns a warning or None."""
+        return self.decide(step, self.score(step, values))
+
+    def forecast(self, metric: str, level: float, slope_per_step: float) -> tuple[float, float, float]:
+        """Steps left to divergence and its interval from the leading signal's level and slope."""
+        cal = self.calibration
+        if cal is None:
+            return math.nan, math.nan, math.nan
+        target = cal.level_at_divergence.get(metric, math.nan)
+        est = (target - level) / slope_per_step if slope_per_step > 0 and math.isfinite(target) else math.nan
+        if not (math.isfinite(est) and est > 0):
+            est = cal.fallback_lead
+        return est, est * cal.ratio_lo, est * cal.ratio_hi
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+#: One run as the detector sees it: ``[(step, {(metric, module): value}), ...]`` in step order.
+Steps = Sequence[tuple[int, Mapping[tuple[str, str], float]]]
+#: One scored run: ``[(step, Scored), ...]`` from ``score_run``.
+ScoredRun = Sequence[tuple[int, Scored]]
+
+
+def score_run(steps: Steps, config: DetectorConfig | None = None) -> list[tuple[int, Scored]]:
+    """Scores of every logged step of a run (``RunawayDetector.score`` on a fresh detector)."""
+    det = RunawayDetector(config)
+    return [(step, det.score(step, values)) for step, values in steps]
+
+
+def decide_run(scored: ScoredRun, config: DetectorConfig | None = None, calibration: Calibration | None = None,
+               before: float = math.inf) -> RunawayDetector:
+    """Replay ``decide`` over a scored run (steps ``< before``) on a fresh detector; returns the detector
+    (its ``warnings`` and ``alarm_steps``)."""
+    det = RunawayDetector(config, calibration)
+    for step, sc in scored:
+        if step >= before:
+            break
+        det.decide(step, sc)
+    return det
+
+
+def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRun, float]] = (),
+              config: DetectorConfig | None = None, source: str = "",
+              quantiles: tuple[float, float] = (0.1, 0.9)) -> Calibration:
+    """Thresholds and forecast constants from scored calibration runs (``score_run``).
+
+    Args:
+        negatives: runs that stayed stable or spiked and recovered.
+        positives: ``(scored run, divergence_step)`` of diverged runs: the forecast's level at divergence
+            (median over runs of the metric's largest transformed value at the last logged step before
+            divergence) and its interval (``quantiles`` of true / estimated steps left at the first warning).
+        config: detector settings (burn-in, margin for the interval pass); default ``DetectorConfig()``.
+        source: recorded in the calibration (what it was calibrated on).
+        quantiles: low and high quantile of the interval ratios.
+
+    Returns:
+        the ``Calibration``: ``threshold[m]`` = the largest score of metric ``m`` after burn-in over all
+        negatives (metrics never seen on a negative get no threshold, so they never fire).
+    """
+    cfg = config or DetectorConfig()
+    width = cfg.envelope
+    peak: dict[str, dict[int, float]] = {}
+    for run in negatives:
+        if not run:
+            continue
+        first = run[0][0]
+        for step, sc in run:
+            if step - first >= cfg.burn_in:
+                b = (step - first) // width if width else 0
+                for (metric, _), score, _, _ in sc:
+                    bins = peak.setdefault(metric, {})
+                    if score > bins.get(b, 0.0):
+                        bins[b] = score
+                    else:
+                        bins.setdefault(b, 0.0)
+    thr: dict[str, Any] = {}
+    for metric, bins in peak.items():
+        if not width:
+            thr[metric] = max(bins[0], 1e-6)
+            continue
+        top, start = max(bins), min(bins)
+        filled = [bins.get(b, 0.0) for b in range(top + 1)]
+        env = [max(max(filled[max(start, b - 1):b + 2]), 1e-6) for b in range(start, top + 1)]
+        thr[metric] = [env[0]] * start + env  # bins before the burn-in take the first calibrated value
+    levels: dict[str, list[float]] = {}
+    for run, dstep in positives:
+        top: dict[str, tuple[int, float]] = {}
+        for step, sc in run:
+            if step >= dstep:
+                break
+            for (metric, _), _, _, x in sc:
+                old = top.get(metric)
+                if old is None or step > old[0] or x > old[1]:
+                    top[metric] = (step, x if old is None or step > old[0] else max(x, old[1]))
+        for m, (_, x) in top.items():
+            levels.setdefault(m, []).append(x)
+    cal = Calibration(thresholds=thr, bin_steps=width,
+                      level_at_divergence={m: float(np.median(v)) for m, v in levels.items()}, source=source)
+    ratios, leads = [], []
+    for run, dstep in positives:
+        ws = decide_run(run, cfg, cal, before=dstep).warnings
+        if ws:
+            leads.append(dstep - ws[0].step)
+            if ws[0].steps_left > 0:
+                ratios.append((dstep - ws[0].step) / ws[0].steps_left)
+    lo, hi = (float(q) for q in np.quantile(ratios, quantiles)) if len(ratios) >= 3 else (0.3, 3.0)
+    return replace(cal, ratio_lo=max(lo, 1e-3), ratio_hi=max(hi, lo, 1e-3),
+                   fallback_lead=max(float(np.median(leads)) if leads else 100.0, 1.0))
+
+
+#: Calibration shipped as the default: ``stabilitylab warnings evaluate`` on the quick benchmark (v1,
+#: every=1, all runs); regenerate with ``--calibration-out`` and paste, or pass your own to ``EarlyWarning``.
+DEFAULT_CALIBRATION = Calibration(
+    thresholds={
+        "attn.max_logit": [8.695, 8.695, 8.695, 4.282, 4.282, 4.392, 4.392, 4.392, 4.357],
+        "attn.entropy": [1.478, 1.478, 2.92, 2.929, 3.403, 4.397, 5.282, 5.282, 5.282],
+        "logits.lse_mean": [1.926, 1.926, 1.926, 1.663, 0.7417, 0.7417, 0.7417, 0.6484, 0.6484],
+        "logits.max": [3.964, 3.964, 3.964, 0.3324, 0.3324, 0.3324, 0.257, 0.3415, 0.3415],
+        "update.ratio": [4.943, 4.943, 4.943, 5.687, 5.687, 5.687, 3.353, 3.353, 3.353],
+        "grad.global_norm": [0.8385, 0.8385, 0.8385, 1.021, 1.141, 1.492, 1.492, 1.492, 1.444],
+        "loss": [0.1404, 0.1404, 0.1404, 0.6032, 0.6032, 0.6032, 0.2456, 0.2456, 0.2456],
+    },
+    bin_steps=50,
+    level_at_divergence={"attn.max_logit": 9.161, "attn.entropy": 5.501, "logits.lse_mean": 5.092, "logits.max": 1.651, "update.ratio": -1.663, "grad.global_norm": 0.0789, "loss": 1.204},
+    ratio_lo=0.3168, ratio_hi=9.52, fallback_lead=108,
+    source="warnings benchmark v1, 54 runs, every=1 (window 60, burn-in 60, envelope 50; tiny proxies and a tiny GPT-2 on "
+           "byte-level text, LR ramps, step-ups and spikes over 450 steps)")

@@ -1,0 +1,1 @@
+"""Studies built on sweeps and analysis: the warnings benchmark (``warnings_bench``)."""

@@ -1,0 +1,597 @@
+"""The warnings benchmark: real runs that break after warm-up, and the early warning measured on them.
+
+    stabilitylab warnings build --scale quick --out runs/warnings_quick     # CPU, minutes
+    stabilitylab warnings evaluate runs/warnings_quick                      # the table of issue 17
+
+``build`` trains every run of a versioned definition (``BENCHMARK_VERSION``) into ordinary sweep stores
+under ``--out`` (``proxy/`` for the built-in proxy, ``hf_gpt2/`` for a Hugging Face GPT-2 built from a
+config and trained by ``train_hf_gpt2``, the sweeps' ``train_fn`` path for user models), then labels
+each run from its training loss alone (``stabilitylab.detectors.label_outcome``) and writes
+``benchmark.json`` (version, scale, mechanisms, outcome definition, composition, wall time) and
+``outcomes.parquet``. Every mechanism has unstable configurations and a stable control with the same
+schedule; the Monitor records at ``every=1`` (probes ``attention``, ``logits``, ``optimizer``), so
+``every=10`` is evaluated on the same histories subsampled to steps ``% 10 == 0`` (what a Monitor with
+``every=10`` logs, since probes never change training).
+
+Mechanisms (quick scale: a 2-layer proxy of width 32, byte-level text, 450 steps, 3 seeds):
+
+- ``attn_logit_growth``: no qk-layernorm, LR raised slowly (linear ramp over ~420 steps) past the critical
+  LR; clipping on.
+- ``logit_drift``: no z-loss, no weight decay, no clipping, the same slow ramp (output-logit log Z drift).
+- ``adam_stale``: beta2 0.999 (a second moment that adapts over ~1000 steps), the second block frozen for
+  150 steps then unfrozen (its v starts from 0), no clipping, the slow ramp.
+- ``lr_stepup``: abrupt LR step-ups (x2 at 1/3, x4 at 5/9, x8 at 7/9 of the run) after a stable phase.
+- ``lr_spike``: one abrupt LR spike (x18 for 10 steps at 4/9 of the run); runs recover from it or not
+  (the source of ``spiked_recovered`` runs; the jump itself cannot be forecast before it happens).
+- ``hf_gpt2``: a Hugging Face GPT-2 (``GPT2LMHeadModel`` from a config) under the slow ramp, clipping on.
+
+``evaluate`` calibrates the detector (``stabilitylab.detectors``) on some runs and measures it on others:
+held-out seeds (calibrate on the lower seeds of every mechanism, test on the highest seed) and each
+mechanism held out in turn (calibrate on the others). The detector's settings (``margin``,
+``min_metrics``) are picked from a small grid by leave-one-mechanism-out *inside* the calibration runs,
+so the tested runs never choose anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stabilitylab import detectors as D
+from stabilitylab import metrics as M
+from stabilitylab.analysis.early_warning import run_steps
+
+BENCHMARK_VERSION = "1"
+PROBES = ("attention", "logits", "optimizer")
+#: Outcome definition (``label_outcome`` arguments) used by build and evaluate.
+OUTCOME_DEFINITION: dict[str, float] = {"span": 20, "rise": 0.5, "recover": 0.25, "patience": 100}
+#: Grid the held-out evaluation chooses the detector's settings from (on calibration runs only).
+GRID: tuple[dict[str, Any], ...] = tuple({"margin": m, "min_metrics": k} for m in (1.0, 1.25) for k in (1, 2))
+EVERIES = (1, 10)
+#: Threshold margins of the lead-time vs false-alarm curve (held-out seed split, first ``every``).
+TRADEOFF_MARGINS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+def ramp(steps: int, start: float = 0.01, warm: float = 0.03) -> str:
+    """``lr_schedule`` knots of the slow ramp: ``start`` -> ``warm`` over the first 30 steps, then linear to
+    1 at ``steps`` (so the peak LR is reached at the end and the critical LR is crossed late)."""
+    return f"0:{start},30:{warm},{steps}:1"
+
+
+def stepups(steps: int) -> str:
+    """``lr_schedule`` knots of abrupt step-ups: warm-up to 1 over 30 steps, x2 at steps/3, x4 at 5 steps/9,
+    x8 at 7 steps/9."""
+    a, b, c = steps // 3, 5 * steps // 9, 7 * steps // 9
+    return f"0:0.03,30:1,{a - 1}:1,{a}:2,{b - 1}:2,{b}:4,{c - 1}:4,{c}:8"
+
+
+def spike(steps: int, factor: float = 18.0, length: int = 10) -> str:
+    """``lr_schedule`` knots of one LR spike: warm-up to 1 over 30 steps, ``factor`` x for ``length`` steps
+    from step ``4 * steps / 9``, then back to 1."""
+    a = 4 * steps // 9
+    return f"0:0.03,30:1,{a - 1}:1,{a}:{factor:g},{a + length - 1}:{factor:g},{a + length}:1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Mechanism:
+    """One way to break a run: unstable configurations and their stable control (same schedule)."""
+
+    name: str
+    doc: str
+    unstable_lrs: tuple[float, ...]
+    control_lrs: tuple[float, ...]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """ProxyConfig / TrainConfig fields of every run of the mechanism (a sweep variant)."""
+    trainer: str = "proxy"
+    """``proxy`` (``train_one``) or ``hf_gpt2`` (``train_hf_gpt2``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchScale:
+    """Size, run length and mechanisms of one benchmark scale."""
+
+    name: str
+    size: dict[str, Any]
+    steps: int
+    batch_size: int
+    seq_len: int
+    seeds: tuple[int, ...]
+    mechanisms: tuple[Mechanism, ...]
+
+
+def _mechanisms(steps: int, hi: float = 1.0) -> tuple[Mechanism, ...]:
+    r = ramp(steps)
+    return (
+        Mechanism(name="attn_logit_growth", doc="no qk-layernorm, slow LR ramp past the critical LR, clipping on",
+                  unstable_lrs=(1.0 * hi, 2.0 * hi), control_lrs=(0.15 * hi,),
+                  overrides={"lr_schedule": r, "qk_layernorm": False}),
+        Mechanism(name="logit_drift", doc="no z-loss, no weight decay, no clipping, slow LR ramp",
+                  unstable_lrs=(0.4 * hi, 0.8 * hi), control_lrs=(0.08 * hi,),
+                  overrides={"lr_schedule": r, "weight_decay": 0.0, "clip": None, "z_loss": 0.0}),
+        Mechanism(name="adam_stale", doc="beta2 0.999, block 1 frozen for the first third then unfrozen, "
+                                         "no clipping, slow LR ramp",
+                  unstable_lrs=(0.4 * hi, 0.8 * hi), control_lrs=(0.08 * hi,),
+                  overrides={"lr_schedule": r, "beta2": 0.999, "clip": None, "weight_decay": 0.0,
+                             "freeze_until": steps // 3, "freeze_prefix": "blocks.1"}),
+        Mechanism(name="lr_stepup", doc="abrupt LR step-ups x2, x4, x8 after a stable phase",
+                  unstable_lrs=(0.04 * hi, 0.08 * hi), control_lrs=(0.008 * hi,),
+                  overrides={"lr_schedule": stepups(steps)}),
+        Mechanism(name="lr_spike", doc="one abrupt LR spike (x18 for 10 steps) after a stable phase; runs "
+                                       "recover from it or not",
+                  unstable_lrs=(0.01 * hi, 0.015 * hi), control_lrs=(0.002 * hi,),
+                  overrides={"lr_schedule": spike(steps)}),
+        Mechanism(name="hf_gpt2", doc="Hugging Face GPT-2 from a config, slow LR ramp, clipping on",
+                  unstable_lrs=(1.0 * hi, 2.0 * hi), control_lrs=(0.15 * hi,),
+                  overrides={"lr_schedule": r}, trainer="hf_gpt2"),
+    )
+
+
+SCALES: dict[str, BenchScale] = {
+    "quick": BenchScale(name="quick", size={"name": "w32_L2", "d_model": 32, "n_layers": 2, "head_dim": 16},
+                        steps=450, batch_size=8, seq_len=32, seeds=(0, 1, 2), mechanisms=_mechanisms(450)),
+    "full": BenchScale(name="full", size={"name": "w128_L4", "d_model": 128, "n_layers": 4, "head_dim": 32},
+                       steps=2000, batch_size=32, seq_len=128, seeds=(0, 1, 2, 3), mechanisms=_mechanisms(2000, 0.5)),
+}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_hf_gpt2(config, monitor) -> dict[str, Any]:
+    """``train_fn`` of the ``hf_gpt2`` mechanism: a byte-level ``GPT2LMHeadModel`` of the point's shape.
+
+    Uses the point's LR, ``lr_schedule`` (or warm-up + cosine), betas, eps, weight decay and clipping;
+    stops at the first non-finite loss (checked every 10 steps). No weights are downloaded.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from stabilitylab.mitigations.schedules import warmup_cosine
+    from stabilitylab.proxy.data import ByteData
+    from stabilitylab.proxy.train import lr_knots, lr_knots_factor
+
+    m = config.model
+    torch.manual_seed(config.seed)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=256, n_positions=m.seq_len, n_embd=m.d_model, n_layer=m.n_layers,
+        n_head=m.d_model // m.head_dim, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=0, eos_token_id=0, attn_implementation="sdpa"))
+    data = ByteData(m.seq_len, config.data_path)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                            eps=config.eps, weight_decay=config.weight_decay)
+    if config.lr_schedule:
+        knots = lr_knots(config.lr_schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_knots_factor(s, knots))
+    else:
+        sched = warmup_cosine(opt, config.warmup_steps, config.steps, floor=min(1.0, config.min_lr / config.lr))
+
+    @torch.no_grad()
+    def held_out() -> float:
+        g = torch.Generator().manual_seed(config.seed + 7919)
+        return float(torch.stack([model(x, labels=x).loss for x, _ in
+                                  (data.batch("val", config.batch_size, g) for _ in range(config.eval_batches))]).mean())
+
+    init_loss = held_out()
+    mon = monitor(model, opt)
+    gen = torch.Generator().manual_seed(config.seed)
+    for step in range(config.steps):
+        x, _ = data.batch("train", config.batch_size, gen)
+        loss = model(x, labels=x).loss
+        loss.backward()
+        if config.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        mon.step(loss)
+        if step % 10 == 0 and not math.isfinite(float(loss.detach())):
+            return {"final_loss": float("nan"), "init_loss": init_loss, "steps_done": step + 1}
+    return {"final_loss": held_out(), "init_loss": init_loss}
+
+
+TRAINERS = {"proxy": None, "hf_gpt2": train_hf_gpt2}
+
+
+def benchmark_specs(scale: BenchScale, device: str = "cpu") -> list[tuple[Mechanism, str, Any]]:
+    """``(mechanism, role, SweepSpec)`` for every (mechanism, ``unstable`` / ``control``) of a scale."""
+    from stabilitylab.sweeps import SweepSpec
+
+    out = []
+    for mech in scale.mechanisms:
+        for role, lrs in (("unstable", mech.unstable_lrs), ("control", mech.control_lrs)):
+            out.append((mech, role, SweepSpec(
+                name=f"warnings-v{BENCHMARK_VERSION}-{scale.name}-{mech.name}-{role}", lrs=list(lrs),
+                sizes=[dict(scale.size)], variants=[{"name": f"{mech.name}/{role}", **mech.overrides}],
+                seeds=list(scale.seeds), steps=scale.steps, batch_size=scale.batch_size, seq_len=scale.seq_len,
+                every=1, probes=list(PROBES), device=device, train={"eval_batches": 2})))
+    return out
+
+
+def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = None, executor: str = "processes",
+          workers: int | None = 2, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) every run of the benchmark into sweep stores under ``out``, label them, and write
+    ``benchmark.json`` and ``outcomes.parquet``; returns the metadata written.
+
+    Args:
+        scale: ``"quick"`` (CPU), ``"full"`` (GPU) or a ``BenchScale``.
+        out: output folder (default ``runs/warnings_<scale>``).
+        executor: sweep executor for the proxy runs (``local``, ``processes``, ``ray``); the Hugging Face
+            runs use the same one.
+        workers: worker processes / Ray tasks.
+        device: torch device of the proxy runs.
+        progress: tqdm bar over runs.
+    """
+    from tqdm.auto import tqdm
+
+    from stabilitylab.sweeps.executors import EXECUTORS
+    from stabilitylab.sweeps.run import _trainer_name
+    from stabilitylab.sweeps.store import FINISHED, SweepStore
+
+    sc = SCALES[scale] if isinstance(scale, str) else scale
+    if isinstance(scale, str) and scale not in SCALES:
+        raise ValueError(f"build(scale={scale!r}): choose from {list(SCALES)}")
+    if executor not in EXECUTORS or executor == "vectorized":
+        raise ValueError(f"build(executor={executor!r}): use 'local', 'processes' or 'ray' (the benchmark's "
+                         "schedules are not implemented by the vectorized trainer)")
+    out = Path(out) if out is not None else Path("runs") / f"warnings_{sc.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    todo: dict[str, list] = {}
+    for mech, _, spec in benchmark_specs(sc, device):
+        store = SweepStore(out / mech.trainer)
+        store.open(spec, _trainer_name(TRAINERS[mech.trainer]), extend=True)
+        rows = store.rows()
+        todo.setdefault(mech.trainer, []).extend(
+            p for p in spec.points() if rows.get(p.run_id, {}).get("status") not in FINISHED)
+    n = sum(len(v) for v in todo.values())
+    bar = tqdm(total=n, desc="warnings benchmark", unit="run", disable=not progress)
+    for trainer, points in todo.items():
+        store = SweepStore(out / trainer)
+        for _, row, history in EXECUTORS[executor](points, TRAINERS[trainer], workers, None, False):
+            store.write(row, history)
+            bar.update(1)
+        store.write_runs_table()
+    bar.close()
+    runs, history = load_benchmark(out)
+    outcomes = label_runs(runs, history)
+    outcomes.to_parquet(out / "outcomes.parquet", index=False)
+    meta = {
+        "benchmark_version": BENCHMARK_VERSION, "scale": asdict(sc), "outcome_definition": OUTCOME_DEFINITION,
+        "probes": list(PROBES), "every": 1, "executor": executor, "workers": workers, "trained_now": n,
+        "build_wall_s": round(time.time() - t0, 1), "cpu_count": os.cpu_count(),
+        "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "composition": composition(outcomes).to_dict("records"),
+        "n_runs": len(outcomes), "n_diverged_after_150": int(((outcomes["outcome"] == "diverged")
+                                                             & (outcomes["diverge_step"] > 150)).sum()),
+    }
+    (out / "benchmark.json").write_text(json.dumps(meta, indent=1, default=str))
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- data
+def load_benchmark(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(runs, history)`` of a benchmark folder (its sweep stores) or of one sweep store.
+
+    ``runs`` gets ``mechanism`` and ``role`` from the variant label ``mechanism/role`` (any other label:
+    mechanism = the label, role = "").
+    """
+    from stabilitylab.sweeps import load_sweep
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"no benchmark or sweep store at {str(p)!r}")
+    stores = [p] if (p / "spec.json").exists() else sorted(s for s in p.iterdir() if (s / "spec.json").exists())
+    if not stores:
+        raise ValueError(f"{str(p)!r} holds no sweep store (no spec.json in it or its subfolders); "
+                         "pass the folder given to `stabilitylab warnings build --out`")
+    parts = [load_sweep(s) for s in stores]
+    runs = pd.concat([r for r, _ in parts], ignore_index=True)
+    history = pd.concat([h for _, h in parts if len(h)], ignore_index=True)
+    runs = runs[runs["status"] != "failed"].reset_index(drop=True)
+    split = runs["variant"].astype(str).str.split("/", n=1, expand=True)
+    runs["mechanism"] = split[0]
+    runs["role"] = split[1].fillna("") if split.shape[1] > 1 else ""
+    return runs, history[history["run_id"].isin(runs["run_id"])]
+
+
+def label_runs(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: ``run_id, mechanism, role, lr, seed, outcome, diverge_step, n_spikes, steps_logged``."""
+    loss = history[history["metric"] == M.LOSS].sort_values(["run_id", "step"])
+    by = dict(tuple(loss.groupby("run_id", sort=False)))
+    rows = []
+    for r in runs.itertuples(index=False):
+        h = by.get(r.run_id)
+        if h is None:
+            continue
+        o = D.label_outcome(h["step"].to_numpy(), h["value"].to_numpy(dtype=float), **OUTCOME_DEFINITION)
+        rows.append({"run_id": r.run_id, "mechanism": r.mechanism, "role": r.role, "lr": r.lr, "seed": r.seed,
+                     "outcome": o.label, "diverge_step": o.diverge_step, "n_spikes": len(o.spike_steps),
+                     "steps_logged": len(h)})
+    return pd.DataFrame(rows)
+
+
+def composition(outcomes: pd.DataFrame) -> pd.DataFrame:
+    """Runs per mechanism and outcome (plus diverged after step 150 and the median divergence step)."""
+    t = pd.crosstab(outcomes["mechanism"], outcomes["outcome"]).reindex(columns=list(D.OUTCOMES), fill_value=0)
+    div = outcomes[outcomes["outcome"] == "diverged"].groupby("mechanism")["diverge_step"]
+    t["diverged_after_150"] = outcomes[(outcomes["outcome"] == "diverged") & (outcomes["diverge_step"] > 150)] \
+        .groupby("mechanism").size().reindex(t.index, fill_value=0)
+    t["median_diverge_step"] = div.median().reindex(t.index)
+    t = t.reset_index()
+    total = {"mechanism": "all", **{c: t[c].sum() for c in t.columns if c not in ("mechanism", "median_diverge_step")},
+             "median_diverge_step": float(outcomes.loc[outcomes["outcome"] == "diverged", "diverge_step"].median())}
+    return pd.concat([t, pd.DataFrame([total])], ignore_index=True)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def _measure(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, cal: D.Calibration,
+             min_lead: int = 50) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Summary and per-run rows of the detector on runs ``ids``."""
+    o = outcomes.set_index("run_id")
+    rows = []
+    for rid in ids:
+        r = o.loc[rid]
+        dstep = float(r["diverge_step"])
+        det = D.decide_run(scored[rid], cfg, cal, before=dstep if r["outcome"] == "diverged" else math.inf)
+        w = det.warnings[0] if det.warnings else None
+        lead = dstep - w.step if (w is not None and r["outcome"] == "diverged") else math.nan
+        logged = [s for s, _ in scored[rid] if s < dstep] if r["outcome"] == "diverged" else [s for s, _ in scored[rid]]
+        judged = sum(1 for s in logged if s - logged[0] >= cfg.burn_in) if logged else 0
+        rows.append({"run_id": rid, "mechanism": r["mechanism"], "role": r["role"], "lr": r["lr"], "seed": r["seed"],
+                     "outcome": r["outcome"], "diverge_step": dstep, "first_warning": w.step if w else math.nan,
+                     "lead_steps": lead, "metric": w.metric if w else "", "module": w.module if w else "",
+                     "steps_left": w.steps_left if w else math.nan, "steps_left_lo": w.steps_left_lo if w else math.nan,
+                     "steps_left_hi": w.steps_left_hi if w else math.nan,
+                     "covered": bool(w is not None and w.steps_left_lo <= lead <= w.steps_left_hi)
+                     if r["outcome"] == "diverged" else None,
+                     "alarm_steps": len(det.alarm_steps), "judged_steps": judged})
+    return summarise(pd.DataFrame(rows), min_lead), rows
+
+
+def summarise(per_run: pd.DataFrame, min_lead: int = 50) -> dict[str, Any]:
+    """The issue-17 numbers of a per-run table (``_measure`` rows)."""
+    div = per_run[per_run["outcome"] == "diverged"]
+    stable = per_run[per_run["outcome"] == "stable"]
+    spiked = per_run[per_run["outcome"] == "spiked_recovered"]
+    warned = div[div["lead_steps"].notna()]
+
+    def rate(df: pd.DataFrame) -> float:
+        return float(df["alarm_steps"].sum() / df["judged_steps"].sum()) if len(df) and df["judged_steps"].sum() else math.nan
+
+    return {
+        "n_runs": len(per_run), "n_diverged": len(div), "n_stable": len(stable), "n_spiked": len(spiked),
+        "warned_50_share": float((div["lead_steps"] >= min_lead).mean()) if len(div) else math.nan,
+        "warned_any_share": float(div["lead_steps"].notna().mean()) if len(div) else math.nan,
+        "median_lead": float(warned["lead_steps"].median()) if len(warned) else math.nan,
+        "stable_warned_share": float(stable["first_warning"].notna().mean()) if len(stable) else math.nan,
+        "fa_steps_stable": rate(stable), "fa_steps_spiked": rate(spiked),
+        "forecast_coverage": float(warned["covered"].astype(bool).mean()) if len(warned) else math.nan,
+        "forecast_median_width": float((warned["steps_left_hi"] - warned["steps_left_lo"]).median())
+        if len(warned) else math.nan,
+    }
+
+
+def _objective(s: dict[str, Any]) -> tuple:
+    fa = 0.0 if math.isnan(s["stable_warned_share"]) else s["stable_warned_share"]
+    rec = 0.0 if math.isnan(s["warned_50_share"]) else s["warned_50_share"]
+    lead = 0.0 if math.isnan(s["median_lead"]) else s["median_lead"]
+    return (rec - fa, lead)
+
+
+def _calibrate(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, source: str) -> D.Calibration:
+    o = outcomes.set_index("run_id")
+    neg = [scored[i] for i in ids if o.loc[i, "outcome"] != "diverged"]
+    pos = [(scored[i], float(o.loc[i, "diverge_step"])) for i in ids if o.loc[i, "outcome"] == "diverged"]
+    return D.calibrate(neg, pos, cfg, source=source)
+
+
+def choose_settings(ids: list[str], outcomes: pd.DataFrame, scored: dict, base: D.DetectorConfig,
+                    grid: tuple[dict[str, Any], ...] = GRID) -> tuple[D.DetectorConfig, list[dict[str, Any]]]:
+    """Pick the grid setting with the best leave-one-mechanism-out result *within* ``ids``.
+
+    Objective: share of divergences warned >= 50 steps ahead minus share of stable runs warned (higher is
+    better), ties broken by the median lead. Returns the chosen config and the inner results.
+    """
+    o = outcomes.set_index("run_id")
+    mechs = sorted({o.loc[i, "mechanism"] for i in ids})
+    results = []
+    for g in grid:
+        cfg = replace(base, **g)
+        rows: list[dict[str, Any]] = []
+        for m in mechs:
+            cal_ids = [i for i in ids if o.loc[i, "mechanism"] != m]
+            test_ids = [i for i in ids if o.loc[i, "mechanism"] == m]
+            rows += _measure(test_ids, outcomes, scored, cfg, _calibrate(cal_ids, outcomes, scored, cfg, ""))[1]
+        results.append({**g, **summarise(pd.DataFrame(rows))})
+    best = max(range(len(grid)), key=lambda i: _objective(results[i]))
+    return replace(base, **grid[best]), results
+
+
+def splits(outcomes: pd.DataFrame) -> list[tuple[str, list[str], list[str]]]:
+    """``(name, calibration ids, test ids)``: held-out seed, then each mechanism held out."""
+    top = outcomes["seed"].max()
+    out = [("held-out seed", list(outcomes.loc[outcomes["seed"] != top, "run_id"]),
+            list(outcomes.loc[outcomes["seed"] == top, "run_id"]))]
+    for m in sorted(outcomes["mechanism"].unique()):
+        out.append((f"held-out {m}", list(outcomes.loc[outcomes["mechanism"] != m, "run_id"]),
+                    list(outcomes.loc[outcomes["mechanism"] == m, "run_id"])))
+    return out
+
+
+def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D.DetectorConfig | None = None,
+             grid: tuple[dict[str, Any], ...] = GRID) -> dict[str, Any]:
+    """Measure the early warning on a benchmark folder or any sweep store (see the module docstring).
+
+    Returns:
+        ``{"summary": DataFrame (one row per every x split, plus "all mechanisms held out" pooling each
+        mechanism's held-out result), "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
+        "tradeoff": DataFrame (the held-out-seed result per threshold margin), "calibration": the
+        calibration on every run at every=1 (what the shipped defaults are), "meta": {...}}``.
+    """
+    base = base or D.DetectorConfig()
+    runs, history = load_benchmark(path)
+    outcomes = label_runs(runs, history)
+    if outcomes.empty:
+        raise ValueError(f"{str(path)!r}: no run has a logged loss; the benchmark needs Monitor histories")
+    t0 = time.time()
+    summary, per_run = [], []
+    full_cal, tradeoff = None, pd.DataFrame()
+    for every in everys:
+        steps = run_steps(history, every)
+        scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in set(outcomes["run_id"])}
+        held_rows: list[dict[str, Any]] = []
+        for name, cal_ids, test_ids in splits(outcomes):
+            if not test_ids or not cal_ids:
+                continue
+            cfg = choose_settings(cal_ids, outcomes, scored, base, grid)[0] if grid else base
+            cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}")
+            s, rows = _measure(test_ids, outcomes, scored, cfg, cal)
+            summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics, **s})
+            for r in rows:
+                r.update(every=every, split=name)
+            per_run += rows
+            if name.startswith("held-out ") and name != "held-out seed":
+                held_rows += rows
+        if held_rows:
+            summary.append({"every": every, "split": "all mechanisms held out", "margin": math.nan,
+                            "min_metrics": math.nan, **summarise(pd.DataFrame(held_rows))})
+        name, cal_ids, test_ids = splits(outcomes)[0]
+        if every == everys[0] and cal_ids and test_ids:
+            cal = _calibrate(cal_ids, outcomes, scored, base, name)
+            tradeoff = pd.DataFrame([{"every": every, "split": name, "margin": m,
+                                      **_measure(test_ids, outcomes, scored, replace(base, margin=m), cal)[0]}
+                                     for m in TRADEOFF_MARGINS])
+        if every == 1 or full_cal is None:
+            ids = list(outcomes["run_id"])
+            full_cal = _calibrate(ids, outcomes, scored, base,
+                                  f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}")
+    if not summary:
+        raise ValueError(f"{str(path)!r}: nothing to hold out; evaluate needs runs of at least 2 seeds or 2 "
+                         "variants (mechanisms), so that some runs calibrate and others are tested")
+    return {"summary": pd.DataFrame(summary), "per_run": pd.DataFrame(per_run), "composition": composition(outcomes),
+            "calibration": full_cal, "outcomes": outcomes, "tradeoff": tradeoff,
+            "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
+                                                                         for k, v in asdict(base).items()},
+                     "grid": list(grid), "outcome_definition": OUTCOME_DEFINITION,
+                     "evaluate_wall_s": round(time.time() - t0, 1)}}
+
+
+GOALS = {"warned_50_share": (">=", 0.8), "median_lead": (">=", 100), "stable_warned_share": ("<=", 0.05),
+         "fa_steps_stable": ("<=", 5e-4), "fa_steps_spiked": ("<=", 5e-4)}
+
+
+def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> str:
+    """The evaluation as markdown: composition, the summary table with goals, the per-run rows of diverged runs."""
+    from stabilitylab.report import _markdown
+
+    s = result["summary"].copy()
+    lines = [f"# Early warning on the warnings benchmark v{BENCHMARK_VERSION}", ""]
+    if build_meta:
+        lines += [f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']}` in "
+                  f"{build_meta['build_wall_s']} s wall ({build_meta['executor']}, {build_meta['workers']} workers, "
+                  f"{build_meta['cpu_count']} cores; 1/5/15-min load average at the end "
+                  f"{', '.join(f'{x:.1f}' for x in build_meta.get('load_avg_at_end') or [])}: "
+                  "the cores were shared with other work, so wall times are upper bounds).", ""]
+    lines += ["## Composition (runs per mechanism and outcome)", "", _markdown(result["composition"]), "",
+              "## Held-out results", "",
+              "Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
+              "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` were "
+              "chosen on the calibration runs only (leave-one-mechanism-out inside them).", ""]
+    for k, (op, v) in GOALS.items():
+        s[f"{k}_ok"] = s[k].map(lambda x, op=op, v=v: "" if pd.isna(x) else ("yes" if (x >= v if op == ">=" else x <= v)
+                                                                        else "no"))
+    lines += [_markdown(s), ""]
+    pr = result["per_run"]
+    held = pr[pr["split"].str.startswith("held-out ") & (pr["split"] != "held-out seed") & pr["first_warning"].notna()]
+    burn = result["meta"]["detector"]["burn_in"]
+    for every, g in held.groupby("every"):
+        early = float((g["first_warning"] <= burn + every).mean())
+        lines.append(f"- every={every}: {early:.0%} of the first warnings (mechanism held out) came on the first "
+                     f"step the burn-in ({burn} steps) allows: those runs' signals already grew faster than on any "
+                     "calibration run when the detector started to look.")
+    lines += ["", "## Lead time vs false alarms (held-out seed, per threshold margin)", "",
+              _markdown(result["tradeoff"]), ""]
+    d = pr[(pr["outcome"] == "diverged") & (pr["split"].str.startswith("held-out ")) & (pr["split"] != "held-out seed")]
+    cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
+            "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
+    lines += ["## Diverged runs, mechanism held out", "", _markdown(d[cols]), ""]
+    cal = result["calibration"]
+    lines += ["## Calibration on every run (the shipped defaults)", "", "```json", json.dumps(cal.to_dict(), indent=1),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _jsonable(result: dict[str, Any], build_meta: dict[str, Any] | None) -> dict[str, Any]:
+    def recs(df: pd.DataFrame) -> list[dict]:
+        return json.loads(df.to_json(orient="records"))
+
+    return {"meta": result["meta"], "build": build_meta, "composition": recs(result["composition"]),
+            "summary": recs(result["summary"]), "tradeoff": recs(result["tradeoff"]), "per_run": recs(result["per_run"]),
+            "calibration": result["calibration"].to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _build_cmd(args: argparse.Namespace) -> int:
+    meta = build(args.scale, out=args.out, executor=args.executor, workers=args.workers, device=args.device,
+                 progress=not args.no_progress)
+    from stabilitylab.report import _markdown
+
+    print(_markdown(pd.DataFrame(meta["composition"])))
+    print(f"\n{meta['n_runs']} runs, {meta['n_diverged_after_150']} diverged after step 150; "
+          f"built in {meta['build_wall_s']} s")
+    return 0
+
+
+def _evaluate_cmd(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = evaluate(args.store, everys=tuple(args.every))
+    meta_file = Path(args.store) / "benchmark.json"
+    build_meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    md = markdown(res, build_meta)
+    print(md)
+    if args.json or args.md:
+        for p, text in ((args.json, json.dumps(_jsonable(res, build_meta), indent=1, default=str)), (args.md, md)):
+            if p:
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+                Path(p).write_text(text + "\n")
+    if args.calibration_out:
+        Path(args.calibration_out).write_text(json.dumps(res["calibration"].to_dict(), indent=1) + "\n")
+    if args.report:
+        from stabilitylab.studies.warnings_report import write_warnings_report
+
+        print(f"report: {write_warnings_report(args.store, res, args.report)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("warnings", help="build the warnings benchmark or measure the early warning on a store",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    wsub = p.add_subparsers(dest="warnings_command", metavar="SUBCOMMAND")
+    b = wsub.add_parser("build", help="train the benchmark's runs into sweep stores and label them")
+    b.add_argument("--scale", choices=list(SCALES), default="quick",
+                   help="quick: CPU, <= 15 min on 2 cores; full: larger proxy, longer runs, one GPU")
+    b.add_argument("--out", default=None, help="output folder (default runs/warnings_<scale>)")
+    b.add_argument("--executor", choices=["local", "processes", "ray"], default="processes")
+    b.add_argument("--workers", type=int, default=2, help="worker processes / Ray tasks (default 2)")
+    b.add_argument("--device", default="cpu", help="torch device of the runs")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build_cmd)
+    e = wsub.add_parser("evaluate", help="held-out lead time, false alarms and forecast coverage of the warning")
+    e.add_argument("store", help="benchmark folder (from `warnings build`) or any sweep store with loss histories")
+    e.add_argument("--every", type=int, nargs="+", default=list(EVERIES),
+                   help="logging intervals to evaluate by subsampling the histories (default 1 10)")
+    e.add_argument("--json", default=None, help="also write the results as JSON here")
+    e.add_argument("--md", default=None, help="also write the markdown here")
+    e.add_argument("--calibration-out", default=None,
+                   help="write the calibration on every run (JSON) for EarlyWarning(calibration=...)")
+    e.add_argument("--report", default=None, help="write an HTML report with the figures to this folder")
+    e.set_defaults(func=_evaluate_cmd)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -1,0 +1,223 @@
+"""Outcome labels and the runaway-growth detector against independent computations and known answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from stabilitylab import detectors as D
+
+
+def _reference_label(loss, span=20, rise=0.5, recover=0.25, patience=100):
+    """Independent re-statement of the outcome definition with pandas' EWM (steps = 0..n-1, all finite)."""
+    ema = pd.Series(loss, dtype="float64").ewm(alpha=2 / (span + 1), adjust=False).mean().to_numpy()
+    best = np.minimum.accumulate(ema)
+    spikes, t = [], 0
+    while t < len(ema):
+        if t > 0 and ema[t] > best[t - 1] + rise:
+            base = best[t - 1]
+            back = np.flatnonzero(ema[t + 1:t + patience + 1] <= base + recover)
+            if not len(back):
+                return "diverged", t, spikes
+            spikes.append(t)
+            t = t + 1 + int(back[0]) + 1
+            continue
+        t += 1
+    return ("spiked_recovered" if spikes else "stable"), None, spikes
+
+
+def _loss(n=600, seed=0):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    return 2.5 + 3.0 * np.exp(-t / 40) + rng.normal(0, 0.08, n)
+
+
+def test_label_stable_spiked_and_diverged_match_an_ewm_reference():
+    steps = np.arange(600)
+    stable = _loss(seed=1)
+    spiked = _loss(seed=2)
+    spiked[300:320] += 1.5
+    diverged = _loss(seed=3)
+    diverged[350:] += np.linspace(0, 3, 250)
+    for loss, want in ((stable, "stable"), (spiked, "spiked_recovered"), (diverged, "diverged")):
+        got = D.label_outcome(steps, loss)
+        label, dstep, spikes = _reference_label(loss)
+        assert got.label == label == want
+        assert list(got.spike_steps) == spikes
+        if want == "diverged":
+            assert got.diverge_step == dstep and 350 < dstep < 450
+        else:
+            assert math.isnan(got.diverge_step)
+    assert 300 <= D.label_outcome(steps, spiked).spike_steps[0] <= 305
+
+
+def test_label_nonfinite_loss_and_unrecovered_rise_at_the_end():
+    steps = np.arange(300)
+    loss = _loss(300)
+    loss[200] = np.nan
+    assert D.label_outcome(steps, loss) == D.Outcome("diverged", 200.0, ())
+    loss = _loss(300)
+    loss[250:] += 2.0  # rises 50 steps before the end, never comes back: diverged although patience is 100
+    got = D.label_outcome(steps, loss)
+    assert got.label == "diverged" and 250 <= got.diverge_step <= 256
+    # a rise that starts right after an inf keeps the excursion's start as the divergence step
+    loss[270] = np.inf
+    assert D.label_outcome(steps, loss).diverge_step == got.diverge_step
+
+
+def test_label_bad_arguments_name_them():
+    with pytest.raises(ValueError, match="recover"):
+        D.label_outcome([0, 1], [1.0, 1.0], rise=0.5, recover=0.5)
+    with pytest.raises(ValueError, match="patience"):
+        D.label_outcome([0, 1], [1.0, 1.0], patience=0)
+    with pytest.raises(ValueError, match="2 steps but 1 losses"):
+        D.label_outcome([0, 1], [1.0])
+
+
+def test_rolling_slope_matches_polyfit_in_float64():
+    rng = np.random.default_rng(0)
+    steps = np.cumsum(rng.integers(1, 4, 200))
+    x = np.cumsum(rng.normal(0, 1, 200))
+    fit = D._Slope(window=25)
+    for i, (s, v) in enumerate(zip(steps, x)):
+        got = fit.add(int(s), float(v))
+        sel = (steps[: i + 1] > s - 25)
+        if sel.sum() >= 2:
+            assert got == pytest.approx(np.polyfit(steps[: i + 1][sel], x[: i + 1][sel], 1)[0], rel=1e-9, abs=1e-12)
+
+
+def _signal_run(n, every=1, runaway_at=None, decel=False, seed=0, module="blocks.1.attn"):
+    """One run's logged steps: an attention logit with AR(1) noise in log space; optional exp-of-exp
+    runaway from ``runaway_at`` or a fast but decelerating healthy rise (log growth)."""
+    rng = np.random.default_rng(seed)
+    out, eps = [], 0.0
+    for s in range(0, n, every):
+        eps = 0.5 * eps + rng.normal(0, 0.02)
+        lv = math.log(5.0) + eps
+        if decel:
+            lv += 4.0 * math.log1p(s / 30)
+        if runaway_at is not None and s > runaway_at:
+            lv += 0.002 * (s - runaway_at) ** 1.6
+        out.append((s, {("attn.max_logit", module): math.exp(lv), ("attn.max_logit", "blocks.0.attn"):
+                        math.exp(math.log(5.0) + rng.normal(0, 0.02))}))
+    return out
+
+
+def _cal(every=1, cfg=None, seeds=range(4)):
+    cfg = cfg or D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, margin=1.5)
+    neg = [D.score_run(_signal_run(600, every, seed=s), cfg) for s in seeds]
+    return cfg, D.calibrate(neg, config=cfg)
+
+
+def test_detector_warns_on_accelerating_growth_not_on_noise_or_decelerating_growth():
+    cfg, cal = _cal()
+    assert set(cal.thresholds) == {"attn.max_logit"} and cal.bin_steps == cfg.envelope == 50
+    assert all(t > 0 for t in cal.thresholds["attn.max_logit"])
+    for s in range(10, 14):  # fresh noise seeds
+        assert not D.decide_run(D.score_run(_signal_run(600, seed=s), cfg), cfg, cal).warnings
+    # a healthy rise much steeper than the noise, but decelerating: the acceleration gate keeps it quiet
+    healthy = D.score_run(_signal_run(600, decel=True, seed=20), cfg)
+    thr = max(cal.thresholds["attn.max_logit"])
+    late = [(100 * g, sc) for step, row in healthy if step >= cfg.burn_in for _, sc, g, _ in row if g == g]
+    assert max(g for g, _ in late) > 3 * thr  # its slope alone would fire...
+    assert max(sc for _, sc in late) < thr  # ...but it is scored only while accelerating
+    assert not D.decide_run(healthy, cfg, cal).warnings
+    det = D.decide_run(D.score_run(_signal_run(600, runaway_at=250, seed=21), cfg), cfg, cal)
+    w = det.warnings[0]
+    assert (w.metric, w.module) == ("attn.max_logit", "blocks.1.attn")
+    assert 250 < w.step < 400 and w.score > 1
+
+
+def test_warning_steps_agree_at_every_1_and_every_10():
+    hits = {}
+    for every in (1, 10):
+        cfg, cal = _cal(every)
+        run = D.score_run(_signal_run(600, every, runaway_at=250, seed=21), cfg)
+        hits[every] = D.decide_run(run, cfg, cal).warnings[0].step
+    assert abs(hits[1] - hits[10]) <= 40
+
+
+def test_margin_and_calibration_thresholds_bound_false_alarms_on_the_calibration_runs():
+    cfg = D.DetectorConfig(watch={"attn.max_logit": "log"}, persist=0, min_metrics=1)
+    neg = [D.score_run(_signal_run(600, seed=s), cfg) for s in range(4)]
+    cal = D.calibrate(neg, config=cfg)
+    assert all(not D.decide_run(r, cfg, cal).alarm_steps for r in neg)  # max score is never exceeded
+    low = D.DetectorConfig(watch={"attn.max_logit": "log"}, persist=0, margin=0.5, min_metrics=1)
+    assert any(D.decide_run(r, low, cal).alarm_steps for r in neg)
+
+
+def test_forecast_extrapolates_to_the_calibrated_level_with_ratio_interval():
+    cal = D.Calibration(thresholds={"m": 1.0}, level_at_divergence={"m": 7.0}, ratio_lo=0.5, ratio_hi=2.0,
+                        fallback_lead=80.0)
+    det = D.RunawayDetector(D.DetectorConfig(watch={"m": "log"}, min_metrics=1), cal)
+    assert det.forecast("m", 5.0, 0.01) == pytest.approx((200.0, 100.0, 400.0))
+    assert det.forecast("m", 8.0, 0.01) == pytest.approx((80.0, 40.0, 160.0))  # already past: fallback
+    assert det.forecast("other", 1.0, 0.01) == pytest.approx((80.0, 40.0, 160.0))
+
+
+def test_calibrate_forecast_constants_from_diverged_runs():
+    cfg, cal0 = _cal()
+    neg = [D.score_run(_signal_run(600, seed=s), cfg) for s in range(4)]
+    pos = []
+    for s in range(30, 36):
+        run = _signal_run(700, runaway_at=250, seed=s)
+        dstep = next(step for step, v in run if v[("attn.max_logit", "blocks.1.attn")] > 5 * math.e ** 2)
+        pos.append((D.score_run(run, cfg), float(dstep)))
+    cal = D.calibrate(neg, pos, cfg)
+    assert cal.thresholds == cal0.thresholds
+    # level at divergence: the largest log logit at the last step before divergence, median over runs
+    want = np.median([max(x for (_, sc) in [r[[i for i, (st, _) in enumerate(r) if st < d][-1]]]
+                          for _, _, _, x in sc) for r, d in pos])
+    assert cal.level_at_divergence["attn.max_logit"] == pytest.approx(want)
+    assert 0 < cal.ratio_lo <= cal.ratio_hi
+    covered = 0
+    for r, d in pos:
+        w = D.decide_run(r, cfg, cal, before=d).warnings[0]
+        covered += w.steps_left_lo <= d - w.step <= w.steps_left_hi
+    assert covered >= 4  # the 10%-90% ratio interval covers most of its own calibration runs
+
+
+def test_detector_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="watch"):
+        D.DetectorConfig(watch={"loss": "sqrt"})
+    with pytest.raises(ValueError, match="window"):
+        D.DetectorConfig(window=1)
+    with pytest.raises(ValueError, match="min_metrics"):
+        D.DetectorConfig(watch={"loss": "log"}, min_metrics=2)
+    with pytest.raises(ValueError, match="margin"):
+        D.DetectorConfig(margin=0)
+
+
+def test_envelope_thresholds_are_the_max_over_each_bin_and_its_neighbours():
+    cfg = D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, envelope=100, burn_in=50)
+    runs = [D.score_run(_signal_run(600, seed=s), cfg) for s in range(3)]
+    cal = D.calibrate(runs, config=cfg)
+    peak = np.zeros(6)
+    for run in runs:
+        for step, row in run:
+            if step >= 50:
+                peak[step // 100] = max(peak[step // 100], *(sc for _, sc, _, _ in row))
+    want = [max(peak[max(0, b - 1):b + 2].max(), 1e-6) for b in range(6)]  # bin 0 holds steps 50-99 only
+    assert cal.thresholds["attn.max_logit"] == pytest.approx(want)
+    flat = D.calibrate(runs, config=D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, envelope=0,
+                                                   burn_in=50))
+    assert flat.bin_steps == 0 and flat.thresholds["attn.max_logit"] == pytest.approx(peak.max())
+    late = D.calibrate(runs, config=D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1,
+                                                   envelope=100, burn_in=250)).thresholds["attn.max_logit"]
+    p250 = np.zeros(6)
+    for run in runs:
+        for step, row in run:
+            if step >= 250:
+                p250[step // 100] = max(p250[step // 100], *(sc for _, sc, _, _ in row))
+    assert late[0] == late[1] == late[2] == pytest.approx(max(p250[2:4].max(), 1e-6))  # no zero bins
+    # the live detector picks the bin of the current step
+    det = D.RunawayDetector(D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, burn_in=0), cal)
+    det.decide(0, [])
+    key = ("attn.max_logit", "m")
+    assert det.decide(250, [(key, want[2] * 1.01, 0.01, 1.0)]) is not None
+    det2 = D.RunawayDetector(D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, burn_in=0), cal)
+    det2.decide(0, [])
+    assert det2.decide(250, [(key, want[2] * 0.99, 0.01, 1.0)]) is None
