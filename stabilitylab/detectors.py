@@ -16,8 +16,12 @@ runaway ones accelerate. Each watched ``(metric, module)`` series is transformed
 already are logs, e.g. log Z), and on each logged step ``t`` the detector computes
 
 - ``g_t``: the least-squares slope of the transformed series over the last ``window`` steps, per 100 steps;
-- the score ``s_t = g_t`` if ``g_t > 0`` and the trend accelerates (``g_t > accel * max(g_{t - window}, 0)``),
-  else 0.
+- ``h_t``: the same slope over the last ``window / 2`` steps only;
+- the score ``s_t = g_t`` if ``g_t > 0``, the trend accelerates (``g_t > accel * max(g_{t - window}, 0)``) and
+  still grows at least as fast in the recent half of the window (``h_t >= g_t``), else 0. The last test
+  keeps a level shift quiet (an abrupt jump, e.g. an LR spike, keeps ``g_t`` positive for a whole window
+  after it, while ``h_t`` falls to about 0 once the jump is in the older half); runaway growth is convex
+  in log space, so ``h_t >= g_t`` holds on it.
 
 A series is *hot* when ``s_t > threshold[metric]`` on every logged step of the last ``persist`` steps.
 A warning is raised when series of at least ``min_metrics`` different metrics have been hot within the
@@ -326,6 +330,7 @@ class RunawayDetector:
     def reset(self) -> None:
         """Forget every series (a new run)."""
         self._series: dict[tuple[str, str], _Slope] = {}
+        self._recent: dict[tuple[str, str], _Slope] = {}
         self._above: dict[tuple[str, str], int] = {}
         self._hot_at: dict[tuple[str, str], int] = {}
         cal = self.calibration
@@ -354,7 +359,11 @@ class RunawayDetector:
                 fit = self._series[key] = _Slope(self.config.window)
             g = fit.add(step, x)
             old = fit.lagged(step, g)
-            ok = g > 0 and old == old and g > self.config.accel * max(old, 0.0)
+            rec = self._recent.get(key)
+            if rec is None:
+                rec = self._recent[key] = _Slope(max(self.config.window // 2, 2))
+            h = rec.add(step, x)
+            ok = g > 0 and old == old and g > self.config.accel * max(old, 0.0) and h >= g
             out.append((key, 100.0 * g if ok else 0.0, g, x))
         return out
 

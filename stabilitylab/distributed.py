@@ -70,13 +70,18 @@ def replication(t: torch.Tensor) -> int:
     """Number of ranks that hold each element of ``t``'s local data.
 
     A DTensor is replicated over the mesh dimensions with ``Replicate`` placement (1 for plain FSDP2,
-    the replicate-group size for HSDP); a plain tensor in a multi-rank run is assumed replicated on every
-    rank (DDP), so its replication is the world size.
+    the replicate-group size for HSDP, the tensor-parallel size for a replicated TP parameter), and over
+    the copies of its mesh when that mesh spans only part of the world (a norm weight sharded by FSDP2
+    on the data-parallel sub-mesh of a 2-D mesh is held by every tensor-parallel rank); a plain tensor in
+    a multi-rank run is assumed replicated on every rank (DDP, a tensor-parallel model's unsharded
+    parameters), so its replication is the world size.
     """
+    world = rank_and_world()[1]
     if _is_dtensor(t):
         mesh = t.device_mesh
-        return math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
-    return rank_and_world()[1]
+        copies = max(1, world // mesh.size())
+        return copies * math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
+    return world
 
 
 def local(t: torch.Tensor) -> tuple[torch.Tensor, int]:

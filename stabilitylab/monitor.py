@@ -57,8 +57,9 @@ class Monitor:
 
     Args:
         model: the ``nn.Module`` being trained (DDP/compiled wrappers are fine; a DDP wrapper is unwrapped
-            so module names carry no ``module.`` prefix; FSDP2 ``fully_shard`` models are supported,
-            tensor parallel ones are refused with ``distributed.UnsupportedParallelismError``).
+            so module names carry no ``module.`` prefix; FSDP2 ``fully_shard``, tensor parallel
+            ``parallelize_module`` and 2-D FSDP2 x TP models are supported, a parameter with a ``Partial``
+            placement is refused with ``distributed.UnsupportedParallelismError``).
         optimizer: its optimizer (any wrapper around a ``torch.optim.Optimizer``); needed for gradient,
             update and Adam metrics.
         every: log every ``every``-th step (``>= 1``).

@@ -55,7 +55,8 @@ PROBES = ("attention", "logits", "optimizer")
 #: Outcome definition (``label_outcome`` arguments) used by build and evaluate.
 OUTCOME_DEFINITION: dict[str, float] = {"span": 20, "rise": 0.5, "recover": 0.25, "patience": 100}
 #: Grid the held-out evaluation chooses the detector's settings from (on calibration runs only).
-GRID: tuple[dict[str, Any], ...] = tuple({"margin": m, "min_metrics": k} for m in (1.0, 1.25) for k in (1, 2))
+GRID: tuple[dict[str, Any], ...] = tuple({"margin": m, "min_metrics": k, "persist": p}
+                                        for m in (1.0, 1.25) for k in (1, 2) for p in (0, 5, 10))
 EVERIES = (1, 10)
 #: Threshold margins of the lead-time vs false-alarm curve (held-out seed split, first ``every``).
 TRADEOFF_MARGINS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)

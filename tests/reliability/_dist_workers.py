@@ -118,7 +118,7 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def fsdp_worker(rank: int, world: int, port: int, out: str) -> None:
-    """FSDP2 (fully_shard per block and root): values on clean steps; then tensor parallel is refused."""
+    """FSDP2 (fully_shard per block and root): values on clean steps; then a tensor-parallel model is accepted."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module

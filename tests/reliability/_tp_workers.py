@@ -108,8 +108,13 @@ def probes() -> list:
 def tp_plan(model: Llama, mesh, sequence_parallel: bool, loss_parallel: bool) -> None:
     """torchtitan's Llama plan on the 1-D tensor-parallel ``mesh``."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     seq = Shard(1) if sequence_parallel else Replicate()
     top = {
@@ -223,7 +228,7 @@ def tp_worker(rank: int, world: int, port: int, out: str, dp: int, sequence_para
         mon.close()
         placements = {n: tuple(str(pl) for pl in p.placements) for n, p in model.named_parameters()
                       if hasattr(p, "placements")}
-        result = {"steps": steps, "placements": placements,
+        result = {"steps": steps, "placements": placements, "partial_error": _partial_parameter_error(mesh["tp"]),
                   "events": [(e.kind, e.module, e.message) for e in mon.events]}
     except Exception:  # noqa: BLE001 - reported to the test
         import traceback
@@ -231,3 +236,16 @@ def tp_worker(rank: int, world: int, port: int, out: str, dp: int, sequence_para
         result = {"error": traceback.format_exc()}
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     dist.destroy_process_group()
+
+
+def _partial_parameter_error(mesh) -> tuple[str, str] | None:
+    """What ``Monitor`` raises for a parameter with a ``Partial`` placement (None: nothing)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    lin = nn.Linear(2, 2)
+    lin.weight = nn.Parameter(DTensor.from_local(torch.ones(2, 2), mesh, [Partial()]))
+    try:
+        sl.Monitor(lin, optimizer=torch.optim.AdamW(lin.parameters()), every=1).close()
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return type(e).__name__, str(e)
+    return None
