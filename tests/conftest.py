@@ -35,6 +35,28 @@ def tiny_batch(tiny_cfg):
     return x, y
 
 
+def _train_monitored(model, batch, steps, **monitor_kwargs):
+    """AdamW(lr=1e-3) on one fixed batch for ``steps`` steps under ``Monitor(model, optimizer, **kw)``."""
+    import stabilitylab as sl
+
+    x, y = batch
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = sl.Monitor(model, optimizer=opt, **monitor_kwargs)
+    for _ in range(steps):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        mon.step(loss)
+    return mon
+
+
+@pytest.fixture
+def train_monitored():
+    """The shared training loop ``(model, batch, steps, **monitor_kwargs) -> Monitor`` (not closed)."""
+    return _train_monitored
+
+
 def _attn_reference(q, k, allowed=None, scale=None, bias=None):
     """Float64 ground truth from the full score matrix: (max logit, mean row entropy, number of rows).
 

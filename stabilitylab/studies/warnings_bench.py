@@ -28,7 +28,7 @@ Mechanisms (quick scale: a 2-layer proxy of width 32, byte-level text, 450 steps
 ``evaluate`` calibrates the detector (``stabilitylab.detectors``) on some runs and measures it on others:
 held-out seeds (calibrate on the lower seeds of every mechanism, test on the highest seed) and each
 mechanism held out in turn (calibrate on the others). The detector's settings (``margin``,
-``min_metrics``) are picked from a small grid by leave-one-mechanism-out *inside* the calibration runs,
+``min_metrics``, ``persist``) are picked from a small grid by leave-one-mechanism-out *inside* the calibration runs,
 so the tested runs never choose anything.
 """
 
@@ -454,7 +454,8 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
             cfg = choose_settings(cal_ids, outcomes, scored, base, grid)[0] if grid else base
             cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}")
             s, rows = _measure(test_ids, outcomes, scored, cfg, cal)
-            summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics, **s})
+            summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
+                            "persist": cfg.persist, **s})
             for r in rows:
                 r.update(every=every, split=name)
             per_run += rows
@@ -462,7 +463,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                 held_rows += rows
         if held_rows:
             summary.append({"every": every, "split": "all mechanisms held out", "margin": math.nan,
-                            "min_metrics": math.nan, **summarise(pd.DataFrame(held_rows))})
+                            "min_metrics": math.nan, "persist": math.nan, **summarise(pd.DataFrame(held_rows))})
         name, cal_ids, test_ids = splits(outcomes)[0]
         if every == everys[0] and cal_ids and test_ids:
             cal = _calibrate(cal_ids, outcomes, scored, base, name)
@@ -503,7 +504,7 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
     lines += ["## Composition (runs per mechanism and outcome)", "", _markdown(result["composition"]), "",
               "## Held-out results", "",
               "Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
-              "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` were "
+              "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` / `persist` were "
               "chosen on the calibration runs only (leave-one-mechanism-out inside them).", ""]
     for k, (op, v) in GOALS.items():
         s[f"{k}_ok"] = s[k].map(lambda x, op=op, v=v: "" if pd.isna(x) else ("yes" if (x >= v if op == ">=" else x <= v)

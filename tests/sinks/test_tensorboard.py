@@ -7,9 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
-import stabilitylab as sl
 from stabilitylab import metrics as M
 from stabilitylab.probes.base import Event
 from stabilitylab.sinks.tensorboard import CONFIG_TAG, EVENTS_TAG, TensorBoard
@@ -17,17 +15,6 @@ from stabilitylab.sinks.tensorboard import CONFIG_TAG, EVENTS_TAG, TensorBoard
 pytest.importorskip("tensorboard")
 
 
-def _train(model, batch, steps, **monitor_kwargs):
-    x, y = batch
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    mon = sl.Monitor(model, optimizer=opt, **monitor_kwargs)
-    for _ in range(steps):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mon.step(loss)
-    return mon
 
 
 def _read(logdir):
@@ -82,11 +69,11 @@ def _assert_series_equal(got, want):
             assert (math.isnan(v) and math.isnan(g)) or g == v, (tag, step, g, v)  # float64: exact
 
 
-def test_event_files_hold_every_value_of_the_history_events_and_hparams(tiny_model, tiny_batch, tmp_path):
+def test_event_files_hold_every_value_of_the_history_events_and_hparams(train_monitored, tiny_model, tiny_batch, tmp_path):
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     sink = TensorBoard(tmp_path / "tb", max_modules=3)
-    mon = _train(tiny_model, tiny_batch, 5, every=2, sinks=[sink], run_id="r-1",
+    mon = train_monitored(tiny_model, tiny_batch, 5, every=2, sinks=[sink], run_id="r-1",
                  config={"lr": 1e-3, "size": "xs", "variant": "baseline"})
     events = [Event("r-1", 4, "loss_spike", "", 9.0, "spike | one"), Event("r-1", 4, "nonfinite", "grad", 3.0, "3 nan")]
     mon.emit(events)
@@ -117,13 +104,13 @@ def test_event_files_hold_every_value_of_the_history_events_and_hparams(tiny_mod
     assert hp["probes"] == str(mon.config.get("probes", [p.name for p in mon.probes]))
 
 
-def test_logs_into_lightnings_writer_and_leaves_it_open(tiny_model, tiny_batch, tmp_path):
+def test_logs_into_lightnings_writer_and_leaves_it_open(train_monitored, tiny_model, tiny_batch, tmp_path):
     TensorBoardLogger = pytest.importorskip("lightning.pytorch.loggers").TensorBoardLogger
 
     logger = TensorBoardLogger(str(tmp_path), name="lt", version=0)
     writer = logger.experiment
     writer.add_scalar("train/loss", 1.5, global_step=0)
-    mon = _train(tiny_model, tiny_batch, 3, every=1, probes=["optimizer"], sinks=[TensorBoard(writer=writer)])
+    mon = train_monitored(tiny_model, tiny_batch, 3, every=1, probes=["optimizer"], sinks=[TensorBoard(writer=writer)])
     hist = mon.history()
     mon.close()
     writer.add_scalar("train/loss", 1.25, global_step=1)  # still open: the sink did not close it
@@ -157,12 +144,12 @@ class _FlakyWriter:
         self.inner.flush()
 
 
-def test_failing_writes_warn_once_training_goes_on_and_retries_write_each_point_once(tiny_model, tiny_batch,
+def test_failing_writes_warn_once_training_goes_on_and_retries_write_each_point_once(train_monitored, tiny_model, tiny_batch,
                                                                                       tmp_path):
     writer = _FlakyWriter(tmp_path / "tb", fail_from=30, n_fail=3)  # inside step 0's row, then its 2 retries
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mon = _train(tiny_model, tiny_batch, 7, every=1, sinks=[TensorBoard(writer=writer)])
+        mon = train_monitored(tiny_model, tiny_batch, 7, every=1, sinks=[TensorBoard(writer=writer)])
         hist = mon.history()
         mon.close()
     writer.inner.close()
@@ -174,7 +161,7 @@ def test_failing_writes_warn_once_training_goes_on_and_retries_write_each_point_
     _assert_series_equal(scalars, _expected(hist, max_modules=128))  # nothing lost, nothing written twice
 
 
-def test_a_writer_that_always_raises_never_stops_training(tiny_model, tiny_batch, tmp_path):
+def test_a_writer_that_always_raises_never_stops_training(train_monitored, tiny_model, tiny_batch, tmp_path):
     class Broken:
         def add_scalar(self, *a, **k):
             raise RuntimeError("writer is gone")
@@ -186,7 +173,7 @@ def test_a_writer_that_always_raises_never_stops_training(tiny_model, tiny_batch
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mon = _train(tiny_model, tiny_batch, 4, every=1, sinks=[TensorBoard(writer=Broken())])
+        mon = train_monitored(tiny_model, tiny_batch, 4, every=1, sinks=[TensorBoard(writer=Broken())])
         mon.close()
     assert sorted(mon.history()["step"].unique()) == [0, 1, 2, 3]
     assert any("TensorBoard" in str(w.message) for w in caught)
@@ -203,9 +190,9 @@ def test_bad_arguments_name_the_argument(kwargs, match):
         TensorBoard(**kwargs)
 
 
-def test_default_logdir_is_per_run(tiny_model, tiny_batch, tmp_path, monkeypatch):
+def test_default_logdir_is_per_run(train_monitored, tiny_model, tiny_batch, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    mon = _train(tiny_model, tiny_batch, 1, every=1, probes=["logits"], sinks=[TensorBoard()], run_id="abc")
+    mon = train_monitored(tiny_model, tiny_batch, 1, every=1, probes=["logits"], sinks=[TensorBoard()], run_id="abc")
     mon.close()
     scalars, _, _ = _read(tmp_path / "runs" / "tensorboard" / "abc")
     assert np.isclose(scalars["loss/model"][0], mon.history().query("metric == 'loss'")["value"].iloc[0], rtol=0)

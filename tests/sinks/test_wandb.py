@@ -19,17 +19,6 @@ from stabilitylab.sinks.wandb import WandB, log_sweep_summary
 STEP = "stabilitylab/step"
 
 
-def _train(model, batch, steps, **monitor_kwargs):
-    x, y = batch
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    mon = sl.Monitor(model, optimizer=opt, **monitor_kwargs)
-    for _ in range(steps):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mon.step(loss)
-    return mon
 
 
 def _expected_rows(history: pd.DataFrame, max_modules: int | None) -> dict[int, dict[str, float]]:
@@ -63,9 +52,9 @@ def _assert_rows_equal(got: dict, want: dict) -> None:
             assert g == pytest.approx(v, rel=1e-12, abs=0), k
 
 
-def test_offline_run_holds_monitor_history_keys_steps_config_events(wandb_offline, tiny_model, tiny_batch):
+def test_offline_run_holds_monitor_history_keys_steps_config_events(train_monitored, wandb_offline, tiny_model, tiny_batch):
     sink = WandB(project="t", group="sweep-a", max_modules=3)
-    mon = _train(tiny_model, tiny_batch, 5, every=2, sinks=[sink], run_id="r-1", config={"lr": 1e-3, "size": "xs"})
+    mon = train_monitored(tiny_model, tiny_batch, 5, every=2, sinks=[sink], run_id="r-1", config={"lr": 1e-3, "size": "xs"})
     events = [Event("r-1", 4, "loss_spike", "", 9.0, "spike one"), Event("r-1", 4, "nonfinite", "grad", 3.0, "3 nan"),
               Event("r-1", 4, "loss_spike", "", 11.0, "spike two")]
     mon.emit(events)
@@ -133,7 +122,7 @@ def test_reuses_active_run_and_coexists_with_user_logging(wandb_offline, tiny_mo
         _assert_rows_equal(row, want[row[STEP]])
 
 
-def test_wandb_init_failure_warns_once_and_parquet_keeps_everything(wandb_offline, monkeypatch, tmp_path,
+def test_wandb_init_failure_warns_once_and_parquet_keeps_everything(train_monitored, wandb_offline, monkeypatch, tmp_path,
                                                                      tiny_model, tiny_batch):
     import wandb
 
@@ -143,7 +132,7 @@ def test_wandb_init_failure_warns_once_and_parquet_keeps_everything(wandb_offlin
     monkeypatch.setattr(wandb, "init", refuse)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        mon = _train(tiny_model, tiny_batch, 4, every=1, sinks=[sl.sinks.Parquet(tmp_path / "pq"), WandB()])
+        mon = train_monitored(tiny_model, tiny_batch, 4, every=1, sinks=[sl.sinks.Parquet(tmp_path / "pq"), WandB()])
         mon.emit([Event(mon.run_id, 3, "loss_spike", "", 1.0, "x")])
         mon.close()
     ours = [w for w in caught if "stabilitylab" in str(w.message)]
