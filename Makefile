@@ -82,6 +82,8 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check stabilitylab tests benchmarks examples
+	# the layers of README "Architecture" (pyproject [tool.importlinter]); also run by tests/test_layers.py
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) $(TOOLS_VENV) runs .pytest_cache

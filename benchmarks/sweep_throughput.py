@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from stabilitylab.demo import DEMO_LRS
 from stabilitylab.proxy import ByteData
+from stabilitylab.studies.demo import DEMO_LRS
 from stabilitylab.sweeps import SweepSpec, sweep
 
 GRIDS = {

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from stabilitylab.demo import DEMO_LRS
 from stabilitylab.proxy import ByteData, TrainConfig, preset, train_one
 from stabilitylab.proxy.vectorized import train_many
+from stabilitylab.studies.demo import DEMO_LRS
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -3,7 +3,7 @@
     python scripts/make_gallery.py                     # demo grid (3 sizes x 6 LRs x 3 variants), minutes
     python scripts/make_gallery.py --quick --out /tmp/g   # tiny grid, seconds (used by the tests)
 
-Runs ``stabilitylab.demo.run_demo`` (a resumable sweep store: points already trained by ``make demo``
+Runs ``stabilitylab.studies.demo.run_demo`` (a resumable sweep store: points already trained by ``make demo``
 are reused) with sizes xxs, xs, s and variants baseline, qk_layernorm, z_loss, then saves:
 
 - ``lr_vs_loss.png``            final loss vs peak LR per size, one panel per variant (``plots.lr_vs_loss``)
@@ -46,7 +46,7 @@ def make_gallery(out: str | Path = "docs/gallery", store: str | Path = "runs/dem
                  steps: int = 300, progress: bool = True) -> list[Path]:
     """Train (or reuse) the demo grid in ``store`` and write the gallery PNGs into ``out``; returns their paths."""
     from stabilitylab import plots
-    from stabilitylab.demo import DEMO_LRS, run_demo
+    from stabilitylab.studies.demo import DEMO_LRS, run_demo
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,27 +4,27 @@ through ``add_parser(subparsers)``; this file only lists them."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-#: Modules that define ``add_parser(subparsers)``; each sets ``func`` on its parser.
-COMMAND_MODULES = [
-    "stabilitylab.demo",
-    "stabilitylab.sweeps.cli",
-    "stabilitylab.analysis.cli",
-    "stabilitylab.analysis.predict_cli",
-    "stabilitylab.reproduce",
-    "stabilitylab.studies.warnings_bench",
-]
+from stabilitylab.analysis import cli as analyze_cli
+from stabilitylab.analysis import predict_cli
+from stabilitylab.studies import demo, warnings_bench
+from stabilitylab.studies.reproduce import cli as reproduce_cli
+from stabilitylab.sweeps import cli as sweep_cli
+
+#: Modules that define ``add_parser(subparsers)``; each sets ``func`` on its parser (``--help`` lists them
+#: in this order).
+COMMAND_MODULES = [demo, sweep_cli, analyze_cli, predict_cli, reproduce_cli, warnings_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``stabilitylab`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
         prog="stabilitylab",
         description="Diagnose, predict and mitigate Transformer training instabilities.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).add_parser(sub)
+    for module in COMMAND_MODULES:
+        module.add_parser(sub)
     return parser
 
 

@@ -32,73 +32,25 @@ vocabulary-parallel logits get their log Z from a log-sum-exp over the ranks (``
 from __future__ import annotations
 
 import math
+import uuid
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from stabilitylab.probes.base import Event
+from stabilitylab.metrics import HEALTH_NONFINITE, Event
+from stabilitylab.metrics import REDUCE_MAX as _MAX
+from stabilitylab.metrics import REDUCE_MIN as _MIN
+from stabilitylab.shards import active, is_dtensor, local, rank_and_world, replication  # noqa: F401 - re-exported
 
-# Reduce codes used by the Monitor (metrics.REDUCTIONS order).
-_MAX, _MIN = 0, 1
 #: Seconds a Monitor's control collective waits for the other ranks before it gives up (a dead peer).
 CONTROL_TIMEOUT_S = 600.0
 
 
 class UnsupportedParallelismError(ValueError):
     """The model uses a parallelism whose statistics cannot be combined exactly (e.g. tensor parallel)."""
-
-
-def active() -> bool:
-    """True inside an initialised process group with more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_and_world() -> tuple[int, int]:
-    """``(rank, world_size)`` of the default process group; ``(0, 1)`` outside one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "placements") and hasattr(t, "to_local")
-
-
-def replication(t: torch.Tensor) -> int:
-    """Number of ranks that hold each element of ``t``'s local data.
-
-    A DTensor is replicated over the mesh dimensions with ``Replicate`` placement (1 for plain FSDP2,
-    the replicate-group size for HSDP, the tensor-parallel size for a replicated TP parameter), and over
-    the copies of its mesh when that mesh spans only part of the world (a norm weight sharded by FSDP2
-    on the data-parallel sub-mesh of a 2-D mesh is held by every tensor-parallel rank); a plain tensor in
-    a multi-rank run is assumed replicated on every rank (DDP, a tensor-parallel model's unsharded
-    parameters), so its replication is the world size.
-    """
-    world = rank_and_world()[1]
-    if _is_dtensor(t):
-        mesh = t.device_mesh
-        copies = max(1, world // mesh.size())
-        return copies * math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
-    return world
-
-
-def local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(local data, replication)`` of ``t``: what this rank's partial sums are taken over.
-
-    A plain tensor is returned as is (replication: :func:`replication`). A DTensor gives its
-    ``to_local()`` shard; a ``Partial`` placement (a tensor-parallel gradient or activation that holds
-    partial sums) is first summed over its mesh dimension (one ``all_reduce`` there, on every rank of
-    that dimension, as any use of the tensor would), so the local data are values of the tensor.
-    """
-    if not _is_dtensor(t):
-        return t, replication(t)
-    if any(pl.is_partial() for pl in t.placements):
-        from torch.distributed.tensor import Replicate
-
-        t = t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
-    return t.to_local(), replication(t)
 
 
 def check_supported(model: torch.nn.Module) -> None:
@@ -114,7 +66,7 @@ def check_supported(model: torch.nn.Module) -> None:
         UnsupportedParallelismError: naming the first offending parameter and its placements.
     """
     for name, p in model.named_parameters():
-        if _is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
+        if is_dtensor(p) and any(pl.is_partial() for pl in p.placements):
             raise UnsupportedParallelismError(
                 f"Monitor(model=...): parameter {name!r} is a DTensor with placements {tuple(p.placements)} "
                 f"on {p.device_mesh}; a Partial parameter holds partial sums, not values, so its norms cannot "
@@ -181,8 +133,6 @@ class Reducer:
         """Device masks of the layout (max, min, health rows), copied once per layout (non-blocking)."""
         got = self._dev.get((dev, dtype))
         if got is None:
-            from stabilitylab.metrics import HEALTH_NONFINITE
-
             health = np.array([k[0] == HEALTH_NONFINITE for k in self.keys], dtype=bool)
             host = np.stack([self.codes == _MAX, self.codes == _MIN, health]) if self.keys else np.zeros((3, 0), bool)
             m = to_device(host, dev, torch.bool)
@@ -321,13 +271,13 @@ class Reducer:
             out.append(Event(run_id, step, "rank_skipped", "", float(len(closing)),
                              f"ranks {closing} did not log step {step} (closed, or skipped a Monitor.step call); "
                              "values reduce over the other ranks", {"ranks": closing}))
-        active = [r for r in range(self.world) if not st[r, self.CLOSING] and not st[r, self.FAULTS]]
-        empty = [r for r in active if st[r, self.ROWS] == 0 and len(self.keys)]
+        live = [r for r in range(self.world) if not st[r, self.CLOSING] and not st[r, self.FAULTS]]
+        empty = [r for r in live if st[r, self.ROWS] == 0 and len(self.keys)]
         if empty:
             out.append(Event(run_id, step, "rank_skipped", "", float(len(empty)),
                              f"ranks {empty} recorded nothing on step {step} (no forward/backward ran there); "
                              "values reduce over the other ranks", {"ranks": empty}))
-        partial = [r for r in active if r not in empty and st[r, self.MISSING] > 0]
+        partial = [r for r in live if r not in empty and st[r, self.MISSING] > 0]
         if partial:
             out.append(Event(run_id, step, "rank_partial", "", float(max(st[r, self.MISSING] for r in partial)),
                              f"ranks {partial} lacked {[int(st[r, self.MISSING]) for r in partial]} of "
@@ -370,3 +320,52 @@ def name_ranks(events: Sequence[Event], counts: np.ndarray, losses: np.ndarray,
             continue
         e.extra["ranks"] = [int(r) for r in ranks]
         e.message = f"{e.message} (ranks {e.extra['ranks']})"
+
+
+def broadcast_run_id(run_id: str | None) -> str:
+    """Rank 0's run id on every rank (a random default would otherwise differ per rank)."""
+    box = [run_id or uuid.uuid4().hex[:8]]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def reduce_step(reducer: Reducer | None, probes: Sequence, codes: np.ndarray, num: torch.Tensor, w: torch.Tensor,
+                keys: list[tuple[str, str]], loss: torch.Tensor | None, step: int, run_id: str):
+    """Combine one logged step's partials over the data-parallel ranks (``Reducer.round``).
+
+    Identity without a reducer (one process) or after a failed round. Returns ``(codes, num, w, keys,
+    per_rank, failure)``: the rows in the layout the ranks agreed on (rows no rank had get weight -1),
+    ``per_rank`` (``(2, world)``: each rank's local non-finite count and loss, or None) and, when the
+    round fails (a dead or timed-out peer), a ``collective_failed`` Event (else None); this rank then logs
+    its local values from now on.
+    """
+    if reducer is None or reducer.failed:
+        return codes, num, w, keys, None, None
+    faults = sum(1 << i for i, p in enumerate(probes) if p.faults)
+    try:
+        keys, codes, num, w, per_rank = reducer.round(keys, codes, num, w, loss, step, faults)
+    except Exception as e:  # noqa: BLE001 - a dead or timed-out peer: local values from now on
+        reducer.failed = f"{type(e).__name__}: {e}"
+        warnings.warn(f"stabilitylab: cross-rank reduction failed on step {step} ({reducer.failed}); this rank "
+                      "logs its local values from now on", stacklevel=4)
+        return codes, num, w, keys, None, Event(run_id, step, "collective_failed", "", message=reducer.failed)
+    return codes, num, w, keys, per_rank, None
+
+
+def fault_events(reducer: Reducer | None, probes: Sequence, run_id: str, step: int) -> list[Event]:
+    """This logged step's fault events: every probe's own ``probe_error`` events (drained from
+    ``probe.faults``, stamped with run id, step and, in a multi-rank run, this rank) and, after a
+    successful round, the events naming the other ranks' faults and skipped, partial or desynced ranks
+    (``Reducer.events``)."""
+    out: list[Event] = []
+    for p in probes:
+        for e in p.faults:
+            e.run_id, e.step = run_id, step
+            if reducer is not None:
+                e.extra["ranks"] = [reducer.rank]
+                e.message = f"{e.message} (rank {reducer.rank})"
+        out.extend(p.faults)
+        p.faults = []
+    if reducer is not None and not reducer.failed:
+        out.extend(reducer.events(run_id, step, [p.name for p in probes]))
+    return out

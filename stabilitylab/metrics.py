@@ -14,13 +14,47 @@ reduce     combine partials (num, w)                   final value
 ``rms``    num = sum(num_i) (sums of squares)          sqrt(num / w)
 ``sum``    num = sum(num_i)                            num
 =========  ==========================================  ===================================
+
+This module is the record contract, the bottom layer every other one builds on: the tidy record's
+columns, ``Block`` (partials of one metric as a probe hands them over), ``Event`` (discrete happenings),
+the metric names, the reduction table above as code (``REDUCE_CODE``, ``combine``, ``finalise``) and the
+logging schedule (``check_every``, ``is_logged``), which the Monitor and ``proxy.vectorized`` share.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stabilitylab._checks import int_at_least
 
 RECORD_COLUMNS = ("run_id", "step", "metric", "module", "value")
+
+
+@dataclass
+class Block:
+    """Partials of one metric for several modules: final value per module from ``(num, weight)``."""
+
+    metric: str
+    modules: tuple[str, ...]
+    num: torch.Tensor  # (N,)
+    weight: torch.Tensor  # (N,)
+
+
+@dataclass
+class Event:
+    """A discrete happening worth an alert: a loss spike, non-finite values, an early warning."""
+
+    run_id: str
+    step: int
+    kind: str
+    module: str = ""
+    value: float = float("nan")
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
 
 LOSS = "loss"
 ATTN_MAX_LOGIT = "attn.max_logit"
@@ -94,6 +128,59 @@ _SPECS = [
 
 METRICS: dict[str, MetricSpec] = {s.name: s for s in _SPECS}
 REDUCTIONS = ("max", "min", "mean", "rms", "sum")
+#: Integer code of each reduction (its index in ``REDUCTIONS``): the rows the Monitor and
+#: ``distributed.Reducer`` carry as one numpy array.
+REDUCE_CODE: dict[str, int] = {r: i for i, r in enumerate(REDUCTIONS)}
+REDUCE_MAX, REDUCE_MIN, REDUCE_MEAN, REDUCE_RMS, REDUCE_SUM = (REDUCE_CODE[r] for r in REDUCTIONS)
+
+
+def combine(reduce: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Combine the numerators of two partials of a metric with reduction ``reduce`` (weights add).
+
+    ``max``/``min``: elementwise max/min; ``mean``/``rms``/``sum``: ``old + new`` (see the table above).
+    """
+    if reduce == "max":
+        return torch.maximum(old, new)
+    if reduce == "min":
+        return torch.minimum(old, new)
+    return old + new
+
+
+def finalise(codes: np.ndarray, num: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Final values from reduced partials, vectorised over rows (``codes``: ``REDUCE_CODE`` per row).
+
+    ``mean``: ``num / w``; ``rms``: ``sqrt(num / w)``; ``max``/``min``/``sum``: ``num``.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = num.copy()
+        mean = codes == REDUCE_MEAN
+        out[mean] = num[mean] / w[mean]
+        r = codes == REDUCE_RMS
+        out[r] = np.sqrt(num[r] / w[r])
+    return out
+
+
+def check_every(every: Any, where: str, none_ok: bool = False) -> int | None:
+    """``every`` if it is a valid logging interval (an int >= 1), else a ValueError naming ``where``.
+
+    Args:
+        every: the interval to check.
+        where: how the caller spells the argument, e.g. ``"Monitor(every"``; the message reads
+            ``"Monitor(every=0): must be an int >= 1 (1 logs every step)"``.
+        none_ok: also accept None (no logging at all).
+    """
+    if none_ok and every is None:
+        return None
+    if not int_at_least(every, 1):
+        hint = ", or None for no monitoring" if none_ok else ""
+        raise ValueError(f"{where}={every!r}): must be an int >= 1 (1 logs every step){hint}")
+    return every
+
+
+def is_logged(step: int, every: int) -> bool:
+    """The logging schedule: step ``step`` (counted from the run's first step) is logged when
+    ``step % every == 0``, so step 0 always is."""
+    return step % every == 0
 
 
 def register_metric(name: str, reduce: str, summary: str = "max", doc: str = "") -> MetricSpec:

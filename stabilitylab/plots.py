@@ -307,7 +307,7 @@ def heldout_prediction(prediction, keys: list | None = None) -> Figure:
 
 
 def sweep_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Figure]:
-    """A sweep's summary figures (for ``sinks.wandb.log_sweep_summary``): the per-layer max attention logit
+    """A sweep's summary figures (for ``studies.sweep_summary.log_sweep_summary``): the per-layer max attention logit
     heatmap of the worst run (highest max attention logit) and final loss vs LR, one line per size.
 
     Args:

@@ -77,7 +77,9 @@ def _labelled(df: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
     return df.drop(columns="run_id").assign(run=run.to_numpy())[["run", *[c for c in df.columns if c != "run_id"]]]
 
 
-def _fmt(df: pd.DataFrame) -> pd.DataFrame:
+def format_cells(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with floats shown to 4 significant digits and NaN as ``-`` (for HTML and markdown tables)."""
+
     def cell(v):
         if isinstance(v, (float, np.floating)):
             return "-" if np.isnan(v) else f"{v:.4g}"
@@ -86,8 +88,9 @@ def _fmt(df: pd.DataFrame) -> pd.DataFrame:
     return df.apply(lambda c: c.map(cell))
 
 
-def _markdown(df: pd.DataFrame) -> str:
-    f = _fmt(df).map(str)
+def markdown_table(df: pd.DataFrame) -> str:
+    """``df`` as a GitHub-flavoured markdown table (cells formatted by ``format_cells``)."""
+    f = format_cells(df).map(str)
     lines = ["| " + " | ".join(map(str, f.columns)) + " |", "|" + "---|" * len(f.columns)]
     lines += ["| " + " | ".join(row) + " |" for row in f.to_numpy().tolist()]
     return "\n".join(lines)
@@ -191,8 +194,8 @@ def write_report(path: str | Path, out: str | Path | None = None, holdout: str |
     for name, df in tables.items():
         df = _labelled(df, labels)
         caption = TABLE_TITLES.get(name, name)
-        md += [f"### {caption}", "", _markdown(df), ""]
-        table = _fmt(df).to_html(index=False, border=0, na_rep="-")
+        md += [f"### {caption}", "", markdown_table(df), ""]
+        table = format_cells(df).to_html(index=False, border=0, na_rep="-")
         if len(df) > COLLAPSE_ROWS:
             body.append(f'<details id="table-{name}"><summary>{html.escape(caption)} ({len(df)} rows)</summary>'
                         f"{table}</details>")

@@ -35,20 +35,45 @@ def tiny_batch(tiny_cfg):
     return x, y
 
 
+def _train_loop(model, opt, batch, steps, mon=None, before=None, before_opt_step=None, after=None):
+    """The plain loop every test shares: ``steps`` times forward on one fixed ``(x, y)`` batch (a proxy-style
+    ``model(x, y) -> (logits, loss)``), backward, ``opt.step()``, ``opt.zero_grad()``, ``mon.step(loss)``.
+
+    Hooks, each called with the step index: ``before`` (before the forward), ``before_opt_step`` (after
+    backward) and ``after`` (after ``mon.step``). Returns ``mon.step``'s return value per step (None
+    without a Monitor).
+    """
+    x, y = batch
+    out = []
+    for i in range(steps):
+        if before:
+            before(i)
+        _, loss = model(x, y)
+        loss.backward()
+        if before_opt_step:
+            before_opt_step(i)
+        opt.step()
+        opt.zero_grad()
+        out.append(mon.step(loss) if mon is not None else None)
+        if after:
+            after(i)
+    return out
+
+
 def _train_monitored(model, batch, steps, **monitor_kwargs):
     """AdamW(lr=1e-3) on one fixed batch for ``steps`` steps under ``Monitor(model, optimizer, **kw)``."""
     import stabilitylab as sl
 
-    x, y = batch
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mon = sl.Monitor(model, optimizer=opt, **monitor_kwargs)
-    for _ in range(steps):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mon.step(loss)
+    _train_loop(model, opt, batch, steps, mon)
     return mon
+
+
+@pytest.fixture
+def train_loop():
+    """The shared training loop ``(model, opt, batch, steps, mon=None, before=, before_opt_step=, after=)``."""
+    return _train_loop
 
 
 @pytest.fixture

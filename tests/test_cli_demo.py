@@ -38,3 +38,16 @@ def test_demo_bad_arguments_exit_with_an_error(tmp_path, capsys):
     rc = main(["demo", "--sizes", "nope", "--lrs", "0.01", "--steps", "2", "--out", str(tmp_path / "x")])
     assert rc == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_old_demo_module_forwards_its_names_with_a_deprecation_warning():
+    import pytest
+
+    import stabilitylab.demo as old
+    from stabilitylab.studies import demo
+
+    for name in demo.__all__:
+        with pytest.warns(DeprecationWarning, match=f"stabilitylab.studies.demo.{name}"):
+            assert getattr(old, name) is getattr(demo, name)
+    with pytest.raises(AttributeError, match="nope"):
+        old.nope  # noqa: B018

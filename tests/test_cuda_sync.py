@@ -1,6 +1,6 @@
 """No hidden host syncs on CUDA: a logged and a non-logged step under
 ``torch.cuda.set_sync_debug_mode("error")``. The one deliberate device -> host transfer of a logged step
-(``monitor._to_host``) is exempt; any other sync raises, and a sync inside a probe hook (which the
+(``_runtime.to_host``) is exempt; any other sync raises, and a sync inside a probe hook (which the
 probe's guard turns into a ``probe_error`` event) fails the test too."""
 
 from __future__ import annotations

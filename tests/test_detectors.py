@@ -132,13 +132,20 @@ def test_detector_warns_on_accelerating_growth_not_on_noise_or_decelerating_grow
 
 
 def test_warning_steps_agree_at_every_1_and_every_10():
-    hits = {}
+    hits, early = {}, {}
     for every in (1, 10):
         # 8 noise runs: at every=10 a run logs 6 points per window, so 4 runs under-sample the envelope
         cfg, cal = _cal(every, seeds=range(8))
-        run = D.score_run(_signal_run(600, every, runaway_at=250, seed=21), cfg)
-        hits[every] = D.decide_run(run, cfg, cal).warnings[0].step
-    assert abs(hits[1] - hits[10]) <= 40
+        hits[every], early[every] = [], 0
+        for seed in range(21, 26):
+            ws = D.decide_run(D.score_run(_signal_run(600, every, runaway_at=250, seed=seed), cfg), cfg, cal).warnings
+            early[every] += any(w.step <= 250 for w in ws)
+            hits[every].append(next(w.step for w in ws if w.step > 250))
+    assert all(250 < h < 400 for e in hits for h in hits[e])
+    assert np.median(np.abs(np.subtract(hits[1], hits[10]))) <= 40
+    # a half window holds 3 points at every=10, so its thresholds are the max of few samples: a noise
+    # excursion can exceed them on a fresh run, but rarely
+    assert early[1] == 0 and early[10] <= 1
 
 
 def test_margin_and_calibration_thresholds_bound_false_alarms_on_the_calibration_runs():
@@ -190,6 +197,8 @@ def test_detector_config_errors_name_the_field():
         D.DetectorConfig(watch={"loss": "log"}, min_metrics=2)
     with pytest.raises(ValueError, match="margin"):
         D.DetectorConfig(margin=0)
+    with pytest.raises(ValueError, match="sustain"):
+        D.DetectorConfig(sustain=1.5)
 
 
 def test_envelope_thresholds_are_the_max_over_each_bin_and_its_neighbours():
@@ -224,16 +233,38 @@ def test_envelope_thresholds_are_the_max_over_each_bin_and_its_neighbours():
     assert det2.decide(250, [(key, want[2] * 0.99, 0.01, 1.0)]) is None
 
 
-def test_a_level_shift_is_not_scored_once_it_is_in_the_older_half_of_the_window():
+def test_a_level_shift_is_not_scored_as_sustained_growth():
     cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, window=60)
     rng = np.random.default_rng(3)
     lv = [0.01 * rng.normal() + (math.log(18.0) if s >= 200 else 0.0) for s in range(400)]
     scored = D.score_run([(s, {("m", ""): math.exp(v)}) for s, v in enumerate(lv)], cfg)
+    jump = []
     for step, row in scored:
-        if 231 <= step < 259:  # the jump sits in the older half of the 60-step window
+        (_, score, g, _), = row
+        if 200 <= step < 259:
             ref = np.polyfit(np.arange(step - 59, step + 1), lv[step - 59:step + 1], 1)[0]  # float64 reference
-            (_, score, g, _), = row
-            assert g == pytest.approx(ref, rel=1e-6) and g > 0.002  # the full-window slope still climbs...
-            assert score == 0.0  # ...but the recent half is flat, so it is not runaway growth
-    # the same jump while it is in the recent half (steps 200-229) is scored: the gate is not always shut
-    assert any(sc > 0 for step, row in scored if 200 <= step < 230 for _, sc, _, _ in row)
+            assert g == pytest.approx(ref, rel=1e-6)
+            jump.append((step, 100 * g, score))
+    assert min(g for s, g, _ in jump if s >= 205) > 0.2  # the full-window slope climbs for a whole window...
+    # ...but the jump is never scored as growth: while it is in the recent half, the older half is flat
+    # (the score is at most its noise slope); once it is in the older half, the recent half is flat
+    older = {s: 100 * np.polyfit(np.arange(s - 59, s - 29), lv[s - 59:s - 29], 1)[0] for s, _, _ in jump}
+    assert all(sc <= max(older[s], 0.0) / cfg.sustain + 1e-9 for s, _, sc in jump if s < 230)
+    assert all(sc == 0.0 for s, _, sc in jump if s >= 231)
+    assert max(sc for _, _, sc in jump) < 0.05 * max(g for _, g, _ in jump)
+
+
+def test_runaway_growth_is_scored_as_the_slope_sustained_over_both_halves_of_the_window():
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, window=60)
+    lv = [0.0 if s < 100 else 1e-4 * (s - 100) ** 2 for s in range(300)]  # convex in log space from step 100
+    scored = D.score_run([(s, {("m", ""): math.exp(v)}) for s, v in enumerate(lv)], cfg)
+    checked = 0
+    for step, row in scored:
+        (_, score, _, _), = row
+        if step >= 220:  # accelerating, and both halves of the window rise
+            full = np.polyfit(np.arange(step - 59, step + 1), lv[step - 59:step + 1], 1)[0]
+            older = np.polyfit(np.arange(step - 59, step - 29), lv[step - 59:step - 29], 1)[0]
+            if full > 1.5 * np.polyfit(np.arange(step - 119, step - 59), lv[step - 119:step - 59], 1)[0]:
+                assert score == pytest.approx(100 * min(full, older / cfg.sustain), rel=1e-6)
+                checked += 1
+    assert checked >= 10

@@ -15,21 +15,6 @@ from stabilitylab import Monitor, sinks
 from stabilitylab import metrics as M
 
 
-def _train(model, opt, batch, steps, mon=None, on_step=None):
-    x, y = batch
-    for i in range(steps):
-        if on_step:
-            on_step(i, "start")
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if mon is not None:
-            mon.step(loss)
-        if on_step:
-            on_step(i, "end")
-
-
 def test_every_k_logs_steps_0_k_2k_and_returns_values_only_then(tiny_model, tiny_batch):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     mon = Monitor(tiny_model, optimizer=opt, every=3)
@@ -72,7 +57,7 @@ def _count_syncs(monkeypatch) -> Counter:
     return counts
 
 
-def test_host_syncs_none_on_non_logged_steps_and_exactly_one_cpu_on_logged_steps(tiny_model, tiny_batch,
+def test_host_syncs_none_on_non_logged_steps_and_exactly_one_cpu_on_logged_steps(tiny_model, tiny_batch, train_loop,
                                                                                   monkeypatch):
     """Same loop with and without a Monitor: the Monitor's extra device->host calls are counted per step."""
     every, steps = 3, 7
@@ -91,7 +76,8 @@ def test_host_syncs_none_on_non_logged_steps_and_exactly_one_cpu_on_logged_steps
                 else:
                     snaps[-1] = counts - snaps[-1]
 
-            _train(model, opt, tiny_batch, steps, mon, on_step)
+            train_loop(model, opt, tiny_batch, steps, mon, before=lambda i: on_step(i, "start"),
+                       after=lambda i: on_step(i, "end"))
         per_step[label] = snaps
         if mon is not None:
             mon.close()
@@ -104,7 +90,7 @@ def test_host_syncs_none_on_non_logged_steps_and_exactly_one_cpu_on_logged_steps
             assert extra == Counter({"cpu": 1}), f"step {i}: expected one .cpu() transfer, got {extra}"
 
 
-def test_non_logged_steps_never_collect(tiny_model, tiny_batch, monkeypatch):
+def test_non_logged_steps_never_collect(tiny_model, tiny_batch, train_loop, monkeypatch):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     mon = Monitor(tiny_model, optimizer=opt, every=4)
     calls = []
@@ -114,16 +100,16 @@ def test_non_logged_steps_never_collect(tiny_model, tiny_batch, monkeypatch):
     for p in mon.probes:
         real_collect = p.collect
         p.collect = lambda real_collect=real_collect, p=p: collects.append(p.name) or real_collect()
-    _train(tiny_model, opt, tiny_batch, 9, mon)
+    train_loop(tiny_model, opt, tiny_batch, 9, mon)
     mon.close()
     assert calls == [0, 4, 8]
     assert len(collects) == 3 * len(mon.probes)
 
 
-def test_history_is_tidy(tiny_model, tiny_batch):
+def test_history_is_tidy(tiny_model, tiny_batch, train_loop):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     with Monitor(tiny_model, optimizer=opt, every=2, run_id="r1") as mon:
-        _train(tiny_model, opt, tiny_batch, 4, mon)
+        train_loop(tiny_model, opt, tiny_batch, 4, mon)
     df = mon.history()
     assert list(df.columns) == ["run_id", "step", "metric", "module", "value", "wall_time"]
     assert (df["run_id"] == "r1").all()
@@ -144,12 +130,12 @@ def _hook_count(model, opt) -> int:
     return n + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
 
 
-def test_context_manager_closes_detaches_and_close_twice_is_a_noop(tiny_model, tiny_batch):
+def test_context_manager_closes_detaches_and_close_twice_is_a_noop(tiny_model, tiny_batch, train_loop):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     base = _hook_count(tiny_model, opt)
     with Monitor(tiny_model, optimizer=opt, every=1) as mon:
         assert _hook_count(tiny_model, opt) > base
-        _train(tiny_model, opt, tiny_batch, 2, mon)
+        train_loop(tiny_model, opt, tiny_batch, 2, mon)
     assert _hook_count(tiny_model, opt) == base
     mon.close()
     mon.close()
@@ -274,3 +260,21 @@ def test_keep_history_int_keeps_last_steps_and_false_reads_parquet(tiny_model, t
     assert mon.history()["value"].tolist() == [0.0, 1.0, 2.0]
     with pytest.raises(RuntimeError, match="keep_history"):
         Monitor(tiny_model, every=1, probes=[], keep_history=False).history()
+
+
+def test_set_step_arms_exactly_the_logged_steps_and_the_next_step_logs_that_number():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    mon = Monitor(model, every=3, probes=["activations"], start_step=1)
+    assert all(not p.armed for p in mon.probes)  # step 1 is not logged
+    assert mon.set_step(6) is True and all(p.armed for p in mon.probes)
+    model(torch.randn(2, 4))
+    vals = mon.step(1.5)
+    assert vals is not None and mon.history()["step"].unique().tolist() == [6]
+    assert mon.step_count == 7 and all(not p.armed for p in mon.probes)
+    assert mon.set_step(8) is False and all(not p.armed for p in mon.probes)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="set_step"):
+            mon.set_step(bad)
+    mon.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        mon.set_step(9)

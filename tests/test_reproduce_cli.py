@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from stabilitylab import cli
-from stabilitylab import reproduce as R
+from stabilitylab.studies import reproduce as R
 
 TINY = R.Scale(name="tiny", sizes=({"name": "t1", "d_model": 8, "n_layers": 1, "head_dim": 4},
                                    {"name": "t2", "d_model": 16, "n_layers": 1, "head_dim": 8},
@@ -176,6 +176,16 @@ def test_sensitivity_parts_below_and_above_the_best_lr_sum_to_lr_sensitivity(rep
     runs, _ = _store(rep.out / "attention")
     sens = rep.tables["attention_sensitivity"]
     for variant, size in runs[["variant", "size"]].drop_duplicates().itertuples(index=False):
-        below, above = R._sens_parts(runs, variant, size)
+        below, above = R.sensitivity_parts(runs, variant, size)
         got = sens.loc[(sens["variant"] == variant) & (sens["size"] == size), "lr_sensitivity"].iloc[0]
         assert below + above == pytest.approx(got, abs=1e-12) and below >= 0 and above >= 0
+
+
+def test_old_module_forwards_every_public_name_with_a_deprecation_warning():
+    import stabilitylab.reproduce as old
+
+    for name in R.__all__:
+        with pytest.warns(DeprecationWarning, match=f"stabilitylab.studies.reproduce.{name}"):
+            assert getattr(old, name) is getattr(R, name)
+    with pytest.raises(AttributeError, match="nope"):
+        old.nope  # noqa: B018

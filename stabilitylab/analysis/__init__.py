@@ -1,7 +1,8 @@
 """Analysis of tidy tables: LR sensitivity, LR curves, scaling fits, predictions, early warning.
 
 Reads tables (``runs``: one row per run; ``history``: run_id, step, metric, module, value), never live
-models, except ``EarlyWarning``, which is a probe that watches a live Monitor's logged values.
+models, the proxy or a sink. ``EarlyWarning`` (re-exported) is the live probe of
+``stabilitylab.probes.early_warning``; the offline evaluation here replays it over tables.
 """
 
 from stabilitylab.analysis.early_warning import EarlyWarning, divergence_step, evaluate_warnings

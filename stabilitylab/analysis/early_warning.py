@@ -1,190 +1,30 @@
-"""Online early warning of divergence with a forecast, and its measured lead time and false-alarm rate.
+"""Offline evaluation of the early warning: its measured lead time and false-alarm rate, and calibration.
 
-``EarlyWarning`` is a probe that only uses ``on_host``: attach it to a Monitor next to the default probes
-(``Monitor(model, opt, probes=[*DEFAULT, EarlyWarning()])``) and on each logged step it feeds the logged
-values to ``stabilitylab.detectors.RunawayDetector``, the same code the offline evaluation
-(``evaluate_warnings``, ``stabilitylab warnings evaluate``) replays. The detector warns when a watched
-signal (max attention logit, attention entropy, log Z, max output logit, grad norm, update ratio, loss;
-each per module) grows *and accelerates* in log space faster than it ever did on calibration runs that
-stayed stable; the warning names the leading signal and module and forecasts the steps left to
-divergence with an interval (see ``stabilitylab.detectors`` for the formulas).
-
-The default calibration (``detectors.DEFAULT_CALIBRATION``) comes from the warnings benchmark
-(``stabilitylab warnings build --scale quick``: tiny proxies and a tiny GPT-2, LR ramps and step-ups);
-recalibrate on your own stable runs with ``stabilitylab warnings evaluate STORE --calibration-out cal.json``
-and ``EarlyWarning(calibration="cal.json")``.
-
-On a warning it can write a flight-recorder snapshot (``snapshot_dir``): the last ``snapshot_steps``
-logged steps of every signal (``signals.parquet``), the step's batch indices given to ``note_batch``,
-and the RNG states (``rng.pt``: torch CPU/CUDA, numpy, python), plus ``event.json``.
+The live probe is ``stabilitylab.probes.early_warning.EarlyWarning`` (re-exported here); the offline
+functions replay the same detector (``stabilitylab.detectors``) over logged tables.
 
 ``evaluate_warnings(runs, history)`` labels every run from its loss (``detectors.label_outcome``:
 diverged / spiked and recovered / stable), replays the detector over what was logged before divergence
-and measures lead times and false alarms.
+and measures lead times and false alarms; ``calibrate_warnings`` fits the detector's thresholds and
+forecast constants to your own runs.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import random
-import warnings
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, replace
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
-import torch
 
 from stabilitylab import detectors as D
 from stabilitylab import metrics as M
-from stabilitylab._checks import int_at_least
 from stabilitylab.detectors import DEFAULT_WATCH, mann_kendall, robust_z
-from stabilitylab.probes.base import Event, Probe
-from stabilitylab.sinks.parquet import atomic_write_parquet
+from stabilitylab.probes.early_warning import EarlyWarning
 
 __all__ = ["DEFAULT_WATCH", "EarlyWarning", "calibrate_warnings", "divergence_step", "evaluate_warnings",
            "mann_kendall", "robust_z", "run_steps"]
-
-
-def _calibration(calibration) -> D.Calibration:
-    if calibration is None:
-        return D.DEFAULT_CALIBRATION
-    if isinstance(calibration, D.Calibration):
-        return calibration
-    if isinstance(calibration, Mapping):
-        return D.Calibration.from_dict(calibration)
-    if isinstance(calibration, (str, Path)):
-        p = Path(calibration)
-        if not p.is_file():
-            raise FileNotFoundError(f"EarlyWarning(calibration={str(p)!r}): no such file; write one with "
-                                    "`stabilitylab warnings evaluate STORE --calibration-out FILE`")
-        return D.Calibration.from_dict(json.loads(p.read_text()))
-    raise TypeError(f"EarlyWarning(calibration={calibration!r}): pass None (the defaults), a Calibration, "
-                    "a dict or the path of a calibration JSON file")
-
-
-class EarlyWarning(Probe):
-    """Online divergence early warning with a forecast, on the Monitor's logged values.
-
-    Args:
-        watch: metric -> transform (``"log"``, ``"neglog"``, ``"identity"``); default ``DEFAULT_WATCH``.
-        calibration: thresholds and forecast constants: None (``detectors.DEFAULT_CALIBRATION``), a
-            ``Calibration``, its dict, or the path of its JSON file.
-        window: steps in each slope fit (and the acceleration lag).
-        persist: steps a series must stay above its threshold before it counts.
-        burn_in: steps from the first logged step before any warning.
-        min_metrics: distinct metrics that must be hot together for a warning.
-        margin: multiplier on the calibrated thresholds (> 1: fewer, later warnings).
-        cooldown: steps after a warning before the next one.
-        callback: ``fn(event)`` called on every warning event.
-        snapshot_dir: folder for flight-recorder snapshots (None: off).
-        snapshot_steps: logged steps of history kept for a snapshot.
-        max_snapshots: snapshots written per run at most.
-    """
-
-    name = "early_warning"
-    metrics = ()
-
-    def __init__(self, watch: dict[str, str] | None = None, calibration=None, window: int = 60, persist: int = 0,
-                 burn_in: int = 60, min_metrics: int = 2, margin: float = 1.0, cooldown: int = 50,
-                 callback: Callable[[Event], None] | None = None, snapshot_dir: str | Path | None = None,
-                 snapshot_steps: int = 50, max_snapshots: int = 1):
-        super().__init__()
-        self.config = D.DetectorConfig(watch=dict(DEFAULT_WATCH if watch is None else watch), window=window,
-                                       persist=persist, burn_in=burn_in, min_metrics=min_metrics, margin=margin,
-                                       cooldown=cooldown)
-        self.calibration = _calibration(calibration)
-        for name, v in (("snapshot_steps", snapshot_steps), ("max_snapshots", max_snapshots)):
-            if not int_at_least(v, 1 if name == "snapshot_steps" else 0):
-                raise ValueError(f"EarlyWarning({name}={v!r}): must be a positive int")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"EarlyWarning(callback={callback!r}): pass a callable fn(event)")
-        self.callback = callback
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
-        self.max_snapshots = max_snapshots
-        self._recent: deque[tuple[int, dict]] = deque(maxlen=snapshot_steps)
-        self.reset()
-
-    @property
-    def watch(self) -> dict[str, str]:
-        """Watched metric -> transform."""
-        return dict(self.config.watch)
-
-    def reset(self) -> None:
-        """Forget all detector state (a new run)."""
-        self.detector = D.RunawayDetector(self.config, self.calibration)
-        self._batch = None
-        self._snapshots = 0
-        self._python_warned = False
-        self._recent.clear()
-
-    @property
-    def alarm_steps(self) -> list[int]:
-        """Logged steps on which enough series were hot (warnings are the first of each cooldown)."""
-        return self.detector.alarm_steps
-
-    def note_batch(self, indices) -> None:
-        """Remember the current step's batch indices (any JSON-able value) for flight-recorder snapshots."""
-        self._batch = indices.tolist() if hasattr(indices, "tolist") else indices
-
-    def on_host(self, step: int, values: dict[tuple[str, str], float]):
-        self._recent.append((step, dict(values)))
-        w = self.detector.update(step, values)
-        if w is None:
-            return [], []
-        where = f"{w.metric}[{w.module}]" if w.module else w.metric
-        ev = Event(self.run_id, step, "early_warning", w.module, w.score,
-                   f"{where} is running away ({w.score:.2g}x its calibrated growth limit); forecast: divergence "
-                   f"in ~{w.steps_left:.0f} steps ({w.steps_left_lo:.0f}-{w.steps_left_hi:.0f}); "
-                   f"{len(w.hot)} series hot",
-                   {"metric": w.metric, "module": w.module, "steps_left": w.steps_left,
-                    "steps_left_lo": w.steps_left_lo, "steps_left_hi": w.steps_left_hi,
-                    "predicted_step": step + w.steps_left,
-                    "series": [{"metric": m, "module": mod} for m, mod in w.hot]})
-        if not self._python_warned:
-            self._python_warned = True
-            warnings.warn(f"stabilitylab early warning at step {step} (run {self.run_id}): {ev.message}",
-                          RuntimeWarning, stacklevel=2)
-        if self.snapshot_dir is not None and self._snapshots < self.max_snapshots:
-            self._snapshots += 1
-            ev.extra["snapshot"] = str(self.write_snapshot(ev))
-        if self.callback is not None:
-            self.callback(ev)
-        return [], [ev]
-
-    # ------------------------------------------------------------------ flight recorder
-    def write_snapshot(self, event: Event) -> Path:
-        """Write the flight-recorder snapshot for ``event``; returns its folder."""
-        out = self.snapshot_dir / (self.run_id or "run") / f"step_{event.step:09d}"
-        out.mkdir(parents=True, exist_ok=True)
-        rows = [(self.run_id, s, m, mod, float(v)) for s, vals in self._recent for (m, mod), v in vals.items()]
-        atomic_write_parquet(pd.DataFrame(rows, columns=list(M.RECORD_COLUMNS)), out / "signals.parquet")
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, out / "rng.pt")
-        meta = {**asdict(event), "batch_indices": self._batch}
-        (out / "event.json").write_text(json.dumps(meta, indent=1, default=str))
-        return out
-
-    # ------------------------------------------------------------------ offline replay
-    def replay(self, history: pd.DataFrame, run_id: str | None = None) -> list[Event]:
-        """Run the detector over one run's tidy history (as if live, without Python warnings); returns the events."""
-        self.reset()
-        self._python_warned = True
-        self.run_id = run_id or (str(history["run_id"].iloc[0]) if len(history) else "")
-        events: list[Event] = []
-        h = history.sort_values("step", kind="stable")
-        steps = h["step"].to_numpy()
-        keys = list(zip(h["metric"].tolist(), h["module"].fillna("").tolist()))
-        vals = h["value"].to_numpy(dtype=float).tolist()
-        bounds = np.flatnonzero(np.diff(steps)) + 1
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(steps)]):
-            events.extend(self.on_host(int(steps[a]), dict(zip(keys[a:b], vals[a:b])))[1])
-        return events
 
 
 def divergence_step(loss: pd.Series, factor: float = 10.0) -> float:

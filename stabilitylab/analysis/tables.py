@@ -26,7 +26,7 @@ def load_store(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(f"store path {str(path)!r} is not a directory; pass the folder of a sweep "
                                 "(e.g. runs/demo written by `stabilitylab demo`)")
     try:
-        from stabilitylab.sweeps import load_sweep
+        from stabilitylab.sweeps.files import load_sweep
     except ImportError:
         load_sweep = None
     runs = history = None

@@ -88,9 +88,8 @@ class StabilityCallback(TrainerCallback):
         """Before the first micro-batch of optimizer step ``global_step + 1``: arm if it is logged."""
         if self.monitor is None:
             return
-        self.monitor.step_count = state.global_step + 1
         self._losses.clear()
-        self._set_armed(self.monitor.logging_now)
+        self._armed = self.monitor.set_step(state.global_step + 1)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """After the optimizer step (``global_step`` already counts it): log it, then disarm."""

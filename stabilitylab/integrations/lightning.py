@@ -123,8 +123,7 @@ class StabilityCallback(pl.Callback):
                              batch_idx: int) -> None:
         """Arm the probes for this micro-batch when the optimizer step it belongs to is logged."""
         if self.monitor is not None:
-            self.monitor.step_count = trainer.global_step + 1
-            self.monitor.arm(self.monitor.logging_now)
+            self.monitor.set_step(trainer.global_step + 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

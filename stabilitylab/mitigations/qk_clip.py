@@ -74,11 +74,6 @@ def register_qk_clip(module_type: type, slices: Callable[[nn.Module], QKSlices])
     QK_CLIP_REGISTRY[module_type] = slices
 
 
-def _proxy_slices(m: nn.Module) -> QKSlices:
-    C = m.n_heads * m.head_dim  # c_attn.weight: (3C, C) = [q; k; v] rows
-    return QKSlices([(m.c_attn.weight, 0, 0)], [(m.c_attn.weight, 0, C)], m.n_heads, m.n_heads, m.head_dim)
-
-
 def _gpt2_slices(m: nn.Module) -> QKSlices:
     C = m.embed_dim  # Conv1D: weight (C, 3C) = [q | k | v] columns, bias (3C,)
     w, b = m.c_attn.weight, m.c_attn.bias
@@ -100,9 +95,7 @@ _HF = {"transformers.models.gpt2.modeling_gpt2": ("GPT2Attention", _gpt2_slices)
 
 
 def _register_builtins() -> None:
-    from stabilitylab.proxy.model import CausalSelfAttention
-
-    QK_CLIP_REGISTRY.setdefault(CausalSelfAttention, _proxy_slices)
+    """Hugging Face families already imported; the proxy registers its own (``stabilitylab.proxy.surgery``)."""
     for mod_name, (cls_name, fn) in _HF.items():
         if (mod := sys.modules.get(mod_name)) is not None:
             QK_CLIP_REGISTRY.setdefault(getattr(mod, cls_name), fn)

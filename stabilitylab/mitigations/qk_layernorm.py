@@ -81,7 +81,8 @@ def register_qk_layernorm(module_type: type, surgery: Surgery) -> Surgery:
     return surgery
 
 
-def _add_norms(module: nn.Module, head_dim: int, eps: float) -> tuple[QKLayerNorm, QKLayerNorm]:
+def add_qk_norms(module: nn.Module, head_dim: int, eps: float) -> tuple[QKLayerNorm, QKLayerNorm]:
+    """Give ``module`` new ``q_norm`` / ``k_norm`` (``QKLayerNorm(head_dim)`` on its device and dtype); returns them."""
     if getattr(module, "q_norm", None) is not None or getattr(module, "k_norm", None) is not None:
         raise ValueError(f"apply_qk_layernorm: {type(module).__name__} already has q_norm/k_norm "
                          "(qk-layernorm is already applied)")
@@ -91,22 +92,17 @@ def _add_norms(module: nn.Module, head_dim: int, eps: float) -> tuple[QKLayerNor
     return module.q_norm, module.k_norm
 
 
-def _proxy_surgery(module: nn.Module, eps: float) -> None:
-    _add_norms(module, module.head_dim, eps)
-    module.cfg.qk_layernorm = True  # the config is shared by the whole proxy; keeps it truthful
-
-
 def _gpt2_surgery(module: nn.Module, eps: float) -> None:
     if getattr(module, "is_cross_attention", False):
         raise ValueError("apply_qk_layernorm: GPT2Attention cross-attention is not supported (self-attention only)")
-    q_norm, k_norm = _add_norms(module, module.head_dim, eps)
+    q_norm, k_norm = add_qk_norms(module, module.head_dim, eps)
     C = module.embed_dim  # c_attn output: [q (C) | k (C) | v (C)]
     module.c_attn.register_forward_hook(_ProjectionHook(q_norm, 0, C))
     module.c_attn.register_forward_hook(_ProjectionHook(k_norm, C, 2 * C))
 
 
 def _llama_surgery(module: nn.Module, eps: float) -> None:
-    q_norm, k_norm = _add_norms(module, module.head_dim, eps)
+    q_norm, k_norm = add_qk_norms(module, module.head_dim, eps)
     module.q_proj.register_forward_hook(_ProjectionHook(q_norm, 0, module.q_proj.out_features))
     module.k_proj.register_forward_hook(_ProjectionHook(k_norm, 0, module.k_proj.out_features))
 
@@ -120,10 +116,8 @@ _HF_FAMILIES = {
 
 
 def _register_builtins() -> None:
-    """Proxy always; Hugging Face families whose modelling module is already imported (no import cost)."""
-    from stabilitylab.proxy.model import CausalSelfAttention
-
-    QK_LAYERNORM_REGISTRY.setdefault(CausalSelfAttention, _proxy_surgery)
+    """Hugging Face families whose modelling module is already imported (no import cost); the proxy
+    registers its own surgery (``stabilitylab.proxy.surgery``)."""
     for mod_name, (classes, surgery) in _HF_FAMILIES.items():
         mod = sys.modules.get(mod_name)
         for cls_name in classes if mod is not None else ():

@@ -28,7 +28,8 @@ def register_probe(name: str, cls: type[Probe]) -> None:
     REGISTRY[name] = cls
 
 
-def _lazy_registry() -> None:
+def register_optional_probes() -> None:
+    """Add the probes whose imports are optional or heavy (``sharpness``) to ``REGISTRY`` when importable."""
     if "sharpness" not in REGISTRY:
         try:
             from stabilitylab.probes.sharpness import SharpnessProbe
@@ -39,7 +40,7 @@ def _lazy_registry() -> None:
 
 def build_probes(spec, optimizer_given: bool) -> list[Probe]:
     """Turn ``"default"``, a list of names and/or Probe objects into probe objects."""
-    _lazy_registry()
+    register_optional_probes()
     if isinstance(spec, str):
         if spec != "default":
             raise ValueError(f"probes={spec!r}: pass 'default' or a list of probe names/objects "

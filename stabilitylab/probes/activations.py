@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from stabilitylab import distributed as D
 from stabilitylab import functional as F
 from stabilitylab import metrics as M
+from stabilitylab import shards
 from stabilitylab.adapters.runtime import in_backward
 from stabilitylab.probes.base import Probe
 
@@ -96,11 +96,11 @@ class ActivationProbe(Probe):
         """
         x = h.detach()
         stats = self.stats
-        if D._is_dtensor(x):
+        if shards.is_dtensor(x):
             last = x.ndim - 1
             if any(pl.is_shard() and pl.dim in (-1, last) for pl in x.placements):
                 stats = tuple(s for s in stats if s == "rms")
-            x = D.local(x)[0]
+            x = shards.local(x)[0]
         x = x.float() if x.dtype not in (torch.float32, torch.float64) else x  # cast 16-bit input once
         tokens = float(x[..., 0].numel())
         if "rms" in stats:

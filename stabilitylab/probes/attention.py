@@ -113,6 +113,13 @@ class AttentionProbe(Probe):
                 self._hook(h)
         generic.ACTIVE.append(self)
 
+    def unused(self) -> str | None:
+        """A warning when no attention module was found (only reachable with ``required=False``)."""
+        if self.covered:
+            return None
+        return (f"no attention found in {type(self.model).__name__}, so attn.* metrics are off. Add "
+                "stabilitylab.record_qk(q, k, ..., module=self) where it computes attention to get them.")
+
     def _detach(self) -> None:
         if self in generic.ACTIVE:
             generic.ACTIVE.remove(self)

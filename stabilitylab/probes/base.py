@@ -19,35 +19,14 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from stabilitylab import metrics as M
+from stabilitylab.metrics import Block, Event
 
-
-@dataclass
-class Block:
-    """Partials of one metric for several modules: final value per module from ``(num, weight)``."""
-
-    metric: str
-    modules: tuple[str, ...]
-    num: torch.Tensor  # (N,)
-    weight: torch.Tensor  # (N,)
-
-
-@dataclass
-class Event:
-    """A discrete happening worth an alert: a loss spike, non-finite values, an early warning."""
-
-    run_id: str
-    step: int
-    kind: str
-    module: str = ""
-    value: float = float("nan")
-    message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+__all__ = ["Block", "Event", "Probe"]  # Block and Event live in the record contract (metrics); re-exported
 
 
 def _as_tensor(x: Any, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,13 +148,7 @@ class Probe:
         if old is None:
             self._blocks[key] = Block(metric, modules, num, weight)
             return
-        if spec.reduce == "max":
-            num = torch.maximum(old.num, num)
-        elif spec.reduce == "min":
-            num = torch.minimum(old.num, num)
-        else:
-            num = old.num + num
-        self._blocks[key] = Block(metric, modules, num, old.weight + weight)
+        self._blocks[key] = Block(metric, modules, M.combine(spec.reduce, old.num, num), old.weight + weight)
 
     def record(self, metric: str, module: str, num: Any, weight: Any = 1.0) -> None:
         """Record one partial (see ``record_many``)."""
@@ -204,6 +177,21 @@ class Probe:
             list[tuple[str, str, float]], list[Event]]:
         """Host-side statistics from this step's finished values: (extra records, events)."""
         return [], []
+
+    def unused(self) -> str | None:
+        """After ``attach``: why this probe has nothing to observe in the model, or None.
+
+        The Monitor warns once with the returned sentence and detaches the probe (e.g. an optional
+        attention probe on a model without attention it can find).
+        """
+        return None
+
+    def loss_level(self) -> float | None:
+        """The loss above which this probe flagged the last logged step (None: it flags no loss level).
+
+        Under data parallelism the Monitor names the ranks whose local loss exceeds it in the event.
+        """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

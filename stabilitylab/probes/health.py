@@ -19,9 +19,9 @@ from collections import deque
 import numpy as np
 import torch
 
-from stabilitylab import distributed as D
 from stabilitylab import functional as F
 from stabilitylab import metrics as M
+from stabilitylab import shards
 from stabilitylab.probes.base import Event, Probe
 
 
@@ -51,7 +51,7 @@ class HealthProbe(Probe):
     def _attach(self) -> None:
         self._params = [p for p in self.model.parameters()]
         # Whole-model count under DDP / FSDP2: each rank's local count / replication sums to the true count.
-        self._inv_rep = [1.0 / D.replication(p) for p in self._params]
+        self._inv_rep = [1.0 / shards.replication(p) for p in self._params]
         self._inv_rep_t: torch.Tensor | None = None
 
     def _before_collect(self) -> None:
@@ -62,6 +62,10 @@ class HealthProbe(Probe):
                 self._inv_rep_t = torch.tensor(self._inv_rep, dtype=torch.float64, device=counts.device)
             cnt = (counts * self._inv_rep_t).sum()
             self.record(M.HEALTH_NONFINITE, "param", cnt, 1.0)
+
+    def loss_level(self) -> float | None:
+        """``spike_level``: the loss above which the last logged step counted as a spike."""
+        return self.spike_level
 
     def on_host(self, step: int, values: dict[tuple[str, str], float]):
         records, events = [], []

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from stabilitylab import distributed as D
 from stabilitylab import functional as F
 from stabilitylab import metrics as M
+from stabilitylab import shards
 from stabilitylab.probes.base import Probe
 
 
@@ -163,7 +163,7 @@ class LogitsProbe(Probe):
         if logits is None:
             self.warn_once("nologits", "the model output holds no logits tensor; pass LogitsProbe(module='lm_head')")
             return
-        self.observe(logits, self.counted(logits.to_local() if D._is_dtensor(logits) else logits))
+        self.observe(logits, self.counted(logits.to_local() if shards.is_dtensor(logits) else logits))
 
     def counted(self, logits: torch.Tensor) -> torch.Tensor | None:
         """Bool mask of the positions of ``logits`` that count in this forward (module docstring), or None."""
@@ -199,7 +199,7 @@ class LogitsProbe(Probe):
             logits: output logits.
             mask: optional bool tensor shaped ``logits.shape[:-1]``; None counts every position.
         """
-        if D._is_dtensor(logits):
+        if shards.is_dtensor(logits):
             mean, std, mx = _dtensor_lse_stats(logits, mask)
             logits = logits.to_local()
         else:
@@ -229,7 +229,7 @@ def _dtensor_lse_stats(logits: torch.Tensor, mask: torch.Tensor | None) -> tuple
     last = logits.ndim - 1
     vocab_dims = [i for i, pl in enumerate(logits.placements) if pl.is_shard() and pl.dim in (-1, last)]
     mesh = logits.device_mesh
-    z = D.local(logits)[0].detach()
+    z = shards.local(logits)[0].detach()
     if not vocab_dims:
         return F.lse_stats(z, mask=mask)
     z = z.reshape(-1, z.shape[-1])

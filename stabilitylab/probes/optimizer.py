@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from stabilitylab import distributed as D
 from stabilitylab import functional as F
 from stabilitylab import metrics as M
+from stabilitylab import shards
 from stabilitylab.probes.base import Probe
 
 #: Floor of ``update.ratio``'s denominator, per element: only matters for a tensor that is exactly zero.
@@ -99,8 +99,8 @@ class OptimizerProbe(Probe):
                 seen.add(id(p))
                 self._params.append(p)
                 self._names.append(names.get(id(p), f"group{gi}.param{pi}"))
-        self._inv_rep = [1.0 / D.replication(p) for p in self._params]
-        self._inv_world = 1.0 / D.rank_and_world()[1]
+        self._inv_rep = [1.0 / shards.replication(p) for p in self._params]
+        self._inv_world = 1.0 / shards.rank_and_world()[1]
         self._hook(self.optimizer.register_step_pre_hook(self._pre_step))
         self._hook(self.optimizer.register_step_post_hook(self._post_step))
         self.arm(self.armed)
@@ -152,7 +152,7 @@ class OptimizerProbe(Probe):
         idx = [i for i, p in enumerate(self._params) if p.grad is not None]
         if not idx:
             return None, None
-        pairs = [D.local(self._params[i].grad) for i in idx]
+        pairs = [shards.local(self._params[i].grad) for i in idx]
         grads = [g for g, _ in pairs]
         sq = torch.stack(torch._foreach_norm(grads)).float().pow(2)
         counts = F.nonfinite_counts(grads).double()

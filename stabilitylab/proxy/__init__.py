@@ -1,5 +1,6 @@
 """The built-in proxy Transformer, its byte-level data and ``train_one``."""
 
+from stabilitylab.proxy import surgery  # noqa: F401 - registers the proxy's qk-layernorm / QK-clip surgery
 from stabilitylab.proxy.data import ByteData, load_corpus
 from stabilitylab.proxy.model import PRESETS, ProxyConfig, ProxyTransformer, preset
 from stabilitylab.proxy.train import RunResult, TrainConfig, build_optimizer, evaluate, train_one

@@ -43,7 +43,6 @@ from torch.func import stack_module_state
 
 from stabilitylab import functional as SF
 from stabilitylab import metrics as M
-from stabilitylab._checks import int_at_least
 from stabilitylab.mitigations.schedules import warmup_cosine_factor
 from stabilitylab.mitigations.softcap import softcap
 from stabilitylab.mitigations.z_loss import z_loss
@@ -111,8 +110,7 @@ def _check(configs: Sequence[TrainConfig], monitor_every: int | None, run_ids: S
                 raise ValueError(f"train_many: configs[{i}].{name}={v!r} differs from configs[0].{name}="
                                  f"{ref[name]!r}; members may differ only in {' and '.join(VARYING)} (split "
                                  "the list with group_compatible(configs) and call train_many per group)")
-    if monitor_every is not None and not int_at_least(monitor_every, 1):
-        raise ValueError(f"train_many(monitor_every={monitor_every!r}): pass an int >= 1, or None for no monitoring")
+    M.check_every(monitor_every, "train_many(monitor_every", none_ok=True)
     if run_ids is not None and (len(run_ids) != len(configs) or not all(isinstance(r, str) for r in run_ids)):
         raise ValueError(f"train_many(run_ids=...): need {len(configs)} strings (one per config), got {run_ids!r}")
 
@@ -307,23 +305,30 @@ def _clip(grads: list[torch.Tensor], active: torch.Tensor, max_norm: float | Non
 
 
 # ---------------------------------------------------------------------------------------------- monitoring
-def _stats(model: _Batched, loss: torch.Tensor, lr: torch.Tensor, grad_norm: torch.Tensor,
-           logits: torch.Tensor, qk: list) -> tuple[list[tuple[str, str]], torch.Tensor]:
-    """Keys and a (n_keys, K) tensor of the monitored values of one step (still on the device)."""
+def _partials(model: _Batched, loss: torch.Tensor, lr: torch.Tensor, grad_norm: torch.Tensor,
+              logits: torch.Tensor, qk: list) -> tuple[list[tuple[str, str]], np.ndarray, torch.Tensor]:
+    """Keys, reduce codes and a ``(2, n_keys, K)`` float64 tensor of partials ``(num, weight)`` of one
+    step (still on the device), recorded as the probes record them: ``metrics.finalise`` turns them into
+    the values a Monitor would log. Finished values have weight 1 (squared for ``rms`` metrics, as
+    ``Probe.record_value``); ``attn.entropy`` is the row-weighted mean (``AttentionProbe``)."""
     K = model.K
     lse_mean, lse_std, lse_max = torch.vmap(SF.lse_stats)(logits.detach())
-    keys = [(M.LOSS, ""), (M.LR, ""), (M.GRAD_GLOBAL_NORM, ""), (M.LOGITS_LSE_MEAN, ""),
-            (M.LOGITS_LSE_STD, ""), (M.LOGITS_MAX, "")]
-    rows = [loss.detach().float(), lr, grad_norm, lse_mean, lse_std, lse_max]
+    one = torch.ones(K, dtype=torch.float64, device=loss.device)
+    rows = [(M.LOSS, "", loss.detach().float(), one), (M.LR, "", lr, one),
+            (M.GRAD_GLOBAL_NORM, "", grad_norm.double() ** 2, one), (M.LOGITS_LSE_MEAN, "", lse_mean, one),
+            (M.LOGITS_LSE_STD, "", lse_std, one), (M.LOGITS_MAX, "", lse_max, one)]
     for i, (q, k) in enumerate(qk):
         # Members become extra heads: (K*B, H, T, D) -> (B, K*H, T, D), so one call gives per-member heads.
         KB, H, T, D = q.shape
         q, k = (t.reshape(K, KB // K, H, T, D).transpose(0, 1).reshape(KB // K, K * H, T, D) for t in (q, k))
         st = SF.attention_stats(q, k, is_causal=True, scale=model.attn_scale)
-        rows.append(st.head_max.view(K, H).amax(1))
-        rows.append(st.entropy_sum.view(K, H).sum(1) / st.rows.view(K, H).sum(1))
-        keys += [(M.ATTN_MAX_LOGIT, f"blocks.{i}.attn"), (M.ATTN_ENTROPY, f"blocks.{i}.attn")]
-    return keys, torch.stack([r.to(torch.float64) for r in rows])
+        rows.append((M.ATTN_MAX_LOGIT, f"blocks.{i}.attn", st.head_max.view(K, H).amax(1), one))
+        rows.append((M.ATTN_ENTROPY, f"blocks.{i}.attn", st.entropy_sum.view(K, H).sum(1), st.rows.view(K, H).sum(1)))
+    keys = [(metric, module) for metric, module, _, _ in rows]
+    codes = np.array([M.REDUCE_CODE[M.spec(metric).reduce] for metric, _ in keys], dtype=np.int64)
+    num = torch.stack([n.to(torch.float64) for _, _, n, _ in rows])
+    w = torch.stack([w.to(torch.float64) for _, _, _, w in rows])
+    return keys, codes, torch.stack([num, w])
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -338,8 +343,8 @@ def train_many(configs: Sequence[TrainConfig], monitor_every: int | None = 10, p
     Args:
         configs: the runs; every field except ``lr`` and ``seed`` must be equal (``group_compatible``
             splits an arbitrary list) and ``optimizer`` must be ``"adamw"``.
-        monitor_every: log the monitored metrics every this many steps (step s is logged when
-            ``s % monitor_every == 0``, like ``Monitor(every=...)``); None records nothing.
+        monitor_every: log the monitored metrics every this many steps (the Monitor's schedule,
+            ``metrics.is_logged``: step s is logged when ``s % monitor_every == 0``); None records nothing.
         progress: show a tqdm bar over steps.
         run_ids: ``run_id`` of each member's history rows (default "": the caller fills it).
 
@@ -372,7 +377,7 @@ def train_many(configs: Sequence[TrainConfig], monitor_every: int | None = 10, p
         bar = tqdm(total=c.steps, desc=f"{K} runs (vectorized)", leave=False)
     try:
         for t in range(c.steps):
-            log = monitor_every is not None and t % monitor_every == 0
+            log = monitor_every is not None and M.is_logged(t, monitor_every)
             x, y = batches.next("train")
             qk: list | None = [] if log else None
             logits = model.forward(x, qk)
@@ -391,9 +396,11 @@ def train_many(configs: Sequence[TrainConfig], monitor_every: int | None = 10, p
                 g.zero_()
             losses.append(loss.detach())
             if log:
-                keys, values = _stats(model, loss, lr, norm, logits, qk)
-                both = torch.cat([values, was_active[None].double()]).cpu().numpy()  # one transfer
-                logged.append((t, time.time(), keys, both))
+                keys, codes, partials = _partials(model, loss, lr, norm, logits, qk)
+                n = len(keys)
+                both = torch.cat([partials.flatten(0, 1), was_active[None].double()]).cpu().numpy()  # one transfer
+                values = M.finalise(codes, both[:n], both[n:2 * n])
+                logged.append((t, time.time(), keys, np.concatenate([values, both[-1:]])))
             if bar is not None:
                 bar.update(1)
             if (t % c.check_every == 0 or t == c.steps - 1) and not bool(active.any()):

@@ -11,8 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stabilitylab.metrics import RECORD_COLUMNS
-from stabilitylab.probes.base import Event
+from stabilitylab.metrics import RECORD_COLUMNS, Event
 
 
 @dataclass
@@ -90,7 +89,7 @@ class Null(Sink):
         pass
 
 
-class _Guarded:
+class GuardedSink:
     """Wraps a sink so that its failures never reach training; failed writes are retried later."""
 
     def __init__(self, sink: Sink, max_buffer: int = 100_000):

@@ -9,7 +9,7 @@ from typing import TextIO
 import numpy as np
 
 from stabilitylab import metrics as M
-from stabilitylab.probes.base import Event
+from stabilitylab.metrics import Event
 from stabilitylab.sinks.base import Records, Sink
 
 _HEADLINE = [

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from stabilitylab.probes.base import Event
+from stabilitylab.metrics import Event
 from stabilitylab.sinks.base import Records, Sink, records_to_frame
 
 

@@ -26,21 +26,9 @@ from pathlib import Path
 import pandas as pd
 
 from stabilitylab._checks import int_at_least
-from stabilitylab.metrics import RECORD_COLUMNS
-from stabilitylab.probes.base import Event
+from stabilitylab._io import atomic_write_parquet  # noqa: F401 - re-exported (its home before)
+from stabilitylab.metrics import RECORD_COLUMNS, Event
 from stabilitylab.sinks.base import Records, Sink, records_to_frame
-
-
-def atomic_write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write ``df`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _safe(name: str) -> str:

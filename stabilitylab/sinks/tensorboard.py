@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stabilitylab._checks import int_at_least
-from stabilitylab.probes.base import Event
+from stabilitylab.metrics import Event
 from stabilitylab.sinks._keys import series_key, series_row
 from stabilitylab.sinks.base import Records, Sink
 

@@ -24,7 +24,8 @@ or crashed) is permanent for this run: the sink stops calling into the client (e
 once, so the Monitor keeps the records buffered up to its bound), sends no alerts, and ``close()``
 returns at once instead of waiting on a service that is gone.
 
-``log_figures``, ``log_table`` and ``log_sweep_summary`` log figures and tables of a sweep.
+``log_figures`` and ``log_table`` log figures and tables (``stabilitylab.studies.sweep_summary.log_sweep_summary``
+uses them to log a finished sweep).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import pandas as pd
 
 from stabilitylab import metrics as M
 from stabilitylab._checks import int_at_least
-from stabilitylab.probes.base import Event
+from stabilitylab.metrics import Event
 from stabilitylab.sinks._keys import WHOLE_MODEL, series_row, summary_key  # noqa: F401 - re-exported
 from stabilitylab.sinks._keys import series_key as wandb_key  # noqa: F401 - re-exported
 from stabilitylab.sinks.base import Records, Sink
@@ -51,7 +52,8 @@ _EVENT_COLUMNS = ["run_id", "step", "kind", "module", "value", "message"]
 _ALERT_LEVEL = {"nonfinite": "ERROR"}
 
 
-def _require_wandb(caller: str) -> None:
+def require_wandb(caller: str) -> None:
+    """Raise ImportError naming ``caller`` when the wandb package is not installed."""
     if importlib.util.find_spec("wandb") is None:
         raise ImportError(f"{caller} needs the wandb package: pip install wandb")
 
@@ -75,7 +77,7 @@ class WandB(Sink):
     def __init__(self, project: str | None = None, run: Any = None, group: str | None = None,
                  name: str | None = None, max_modules: int | None = 128, alerts: bool = True,
                  **init_kwargs: Any):
-        _require_wandb("sinks.WandB")
+        require_wandb("sinks.WandB")
         if max_modules is not None and not int_at_least(max_modules, 0):
             raise ValueError(f"WandB(max_modules={max_modules!r}): pass an int >= 0 or None (no limit)")
         if run is not None and not callable(getattr(run, "log", None)):
@@ -242,7 +244,7 @@ def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- sweep helpers
-def _target_run(run: Any, init: Mapping[str, Any]) -> tuple[Any, bool]:
+def target_run(run: Any, init: Mapping[str, Any]) -> tuple[Any, bool]:
     """(run, owned): ``run``, else the active ``wandb.run``, else a new run started with ``init``."""
     import wandb
 
@@ -264,7 +266,7 @@ def log_figures(figures: Mapping[str, Any], run: Any = None, prefix: str = "stab
     Returns:
         the keys logged.
     """
-    _require_wandb("log_figures")
+    require_wandb("log_figures")
     import wandb
 
     run = run if run is not None else wandb.run
@@ -281,7 +283,7 @@ def log_figures(figures: Mapping[str, Any], run: Any = None, prefix: str = "stab
 
 def log_table(df: pd.DataFrame, key: str, run: Any = None) -> None:
     """Log a DataFrame as a ``wandb.Table`` under ``key`` (default run: the active ``wandb.run``)."""
-    _require_wandb("log_table")
+    require_wandb("log_table")
     import wandb
 
     if not isinstance(df, pd.DataFrame):
@@ -290,46 +292,6 @@ def log_table(df: pd.DataFrame, key: str, run: Any = None) -> None:
     if run is None:
         raise ValueError("log_table(run=None): no active W&B run; pass run=wandb.init(...) or start one first")
     run.log({key: wandb.Table(dataframe=df.reset_index(drop=True))})
-
-
-def log_sweep_summary(runs: pd.DataFrame, figures: Mapping[str, Any] | None = None, run: Any = None, *,
-                      by: Sequence[str] | None = None, project: str | None = None, group: str | None = None,
-                      name: str | None = None) -> dict[str, Any]:
-    """Log a finished sweep: the runs table, the LR-sensitivity table and the standard figures.
-
-    Keys: ``sweep/runs`` (one row per run), ``sweep/lr_sensitivity`` (``analysis.lr_sensitivity(runs,
-    by=by)``: mean over the LR grid of ``min(L(lr), L0) - L*``, in nats) and
-    ``sweep/figures/<name>`` (images).
-
-    Args:
-        runs: the sweep's runs table (``lr``, ``final_loss``, ``init_loss`` and grouping columns).
-        figures: name -> matplotlib ``Figure`` or image path (e.g. from ``stabilitylab.plots``).
-        run: the W&B run to log into (default: the active ``wandb.run``, else a new run of job type
-            ``sweep-summary`` in ``project`` / ``group``, finished before returning).
-        by: grouping columns of the LR sensitivity (default: ``size``, ``n_params``, ``variant`` present).
-        project, group, name: of the run started when there is none.
-
-    Returns:
-        ``{"lr_sensitivity": DataFrame, "keys": [logged keys]}``.
-    """
-    _require_wandb("log_sweep_summary")
-    from stabilitylab.analysis import lr_sensitivity
-
-    if not isinstance(runs, pd.DataFrame) or runs.empty:
-        raise ValueError("log_sweep_summary(runs=...): pass the sweep's non-empty runs DataFrame")
-    sens = lr_sensitivity(runs, by=by)
-    target, owned = _target_run(run, {"project": project, "group": group, "name": name or (
-        f"{group}-summary" if group else None), "job_type": "sweep-summary"})
-    try:
-        log_table(runs, "sweep/runs", target)
-        log_table(sens, "sweep/lr_sensitivity", target)
-        keys = ["sweep/runs", "sweep/lr_sensitivity"]
-        if figures:
-            keys += log_figures(figures, target, prefix="sweep/figures")
-    finally:
-        if owned:
-            target.finish()
-    return {"lr_sensitivity": sens, "keys": keys}
 
 
 # ---------------------------------------------------------------------- the stability view

@@ -232,7 +232,7 @@ def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = Non
     from tqdm.auto import tqdm
 
     from stabilitylab.sweeps.executors import EXECUTORS
-    from stabilitylab.sweeps.run import _trainer_name
+    from stabilitylab.sweeps.run import trainer_name
     from stabilitylab.sweeps.store import FINISHED, SweepStore
 
     sc = SCALES[scale] if isinstance(scale, str) else scale
@@ -247,7 +247,7 @@ def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = Non
     todo: dict[str, list] = {}
     for mech, _, spec in benchmark_specs(sc, device):
         store = SweepStore(out / mech.trainer)
-        store.open(spec, _trainer_name(TRAINERS[mech.trainer]), extend=True)
+        store.open(spec, trainer_name(TRAINERS[mech.trainer]), extend=True)
         rows = store.rows()
         todo.setdefault(mech.trainer, []).extend(
             p for p in spec.points() if rows.get(p.run_id, {}).get("status") not in FINISHED)
@@ -491,7 +491,7 @@ GOALS = {"warned_50_share": (">=", 0.8), "median_lead": (">=", 100), "stable_war
 
 def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> str:
     """The evaluation as markdown: composition, the summary table with goals, the per-run rows of diverged runs."""
-    from stabilitylab.report import _markdown
+    from stabilitylab.report import markdown_table
 
     s = result["summary"].copy()
     lines = [f"# Early warning on the warnings benchmark v{BENCHMARK_VERSION}", ""]
@@ -501,7 +501,7 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
                   f"{build_meta['cpu_count']} cores; 1/5/15-min load average at the end "
                   f"{', '.join(f'{x:.1f}' for x in build_meta.get('load_avg_at_end') or [])}: "
                   "the cores were shared with other work, so wall times are upper bounds).", ""]
-    lines += ["## Composition (runs per mechanism and outcome)", "", _markdown(result["composition"]), "",
+    lines += ["## Composition (runs per mechanism and outcome)", "", markdown_table(result["composition"]), "",
               "## Held-out results", "",
               "Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
               "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` / `persist` were "
@@ -509,7 +509,7 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
     for k, (op, v) in GOALS.items():
         s[f"{k}_ok"] = s[k].map(lambda x, op=op, v=v: "" if pd.isna(x) else ("yes" if (x >= v if op == ">=" else x <= v)
                                                                         else "no"))
-    lines += [_markdown(s), ""]
+    lines += [markdown_table(s), ""]
     pr = result["per_run"]
     held = pr[pr["split"].str.startswith("held-out ") & (pr["split"] != "held-out seed") & pr["first_warning"].notna()]
     burn = result["meta"]["detector"]["burn_in"]
@@ -519,11 +519,11 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
                      f"step the burn-in ({burn} steps) allows: those runs' signals already grew faster than on any "
                      "calibration run when the detector started to look.")
     lines += ["", "## Lead time vs false alarms (held-out seed, per threshold margin)", "",
-              _markdown(result["tradeoff"]), ""]
+              markdown_table(result["tradeoff"]), ""]
     d = pr[(pr["outcome"] == "diverged") & (pr["split"].str.startswith("held-out ")) & (pr["split"] != "held-out seed")]
     cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
             "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
-    lines += ["## Diverged runs, mechanism held out", "", _markdown(d[cols]), ""]
+    lines += ["## Diverged runs, mechanism held out", "", markdown_table(d[cols]), ""]
     cal = result["calibration"]
     lines += ["## Calibration on every run (the shipped defaults)", "", "```json", json.dumps(cal.to_dict(), indent=1),
               "```", ""]
@@ -543,9 +543,9 @@ def _jsonable(result: dict[str, Any], build_meta: dict[str, Any] | None) -> dict
 def _build_cmd(args: argparse.Namespace) -> int:
     meta = build(args.scale, out=args.out, executor=args.executor, workers=args.workers, device=args.device,
                  progress=not args.no_progress)
-    from stabilitylab.report import _markdown
+    from stabilitylab.report import markdown_table as markdown_table
 
-    print(_markdown(pd.DataFrame(meta["composition"])))
+    print(markdown_table(pd.DataFrame(meta["composition"])))
     print(f"\n{meta['n_runs']} runs, {meta['n_diverged_after_150']} diverged after step 150; "
           f"built in {meta['build_wall_s']} s")
     return 0

@@ -19,7 +19,7 @@ def write_warnings_report(path: str | os.PathLike, result: dict[str, Any], out: 
         out: output folder.
     """
     from stabilitylab import plots
-    from stabilitylab.report import _fmt
+    from stabilitylab.report import format_cells
     from stabilitylab.studies.warnings_bench import load_benchmark, markdown
 
     out = Path(out)
@@ -34,15 +34,15 @@ def write_warnings_report(path: str | os.PathLike, result: dict[str, Any], out: 
         figs["warning_tradeoff"] = plots.warning_tradeoff(result["tradeoff"])
     md = markdown(result)
     body = [f"<h1>Early warning on the warnings benchmark ({html.escape(str(path))})</h1>",
-            "<h2>summary</h2>", _fmt(result["summary"]).to_html(index=False, border=0),
-            "<h2>lead time vs false alarms</h2>", _fmt(result["tradeoff"]).to_html(index=False, border=0)]
+            "<h2>summary</h2>", format_cells(result["summary"]).to_html(index=False, border=0),
+            "<h2>lead time vs false alarms</h2>", format_cells(result["tradeoff"]).to_html(index=False, border=0)]
     md += "\n## figures\n"
     for name, fig in figs.items():
         png = Path(plots.save(fig, out / f"{name}.png", dpi=100))
         b64 = base64.b64encode(png.read_bytes()).decode("ascii")
         body.append(f'<h3>{html.escape(name)}</h3><img alt="{name}" src="data:image/png;base64,{b64}"/>')
         md += f"\n![{name}]({name}.png)\n"
-    body += ["<h2>per run (mechanism held out)</h2>", _fmt(held).to_html(index=False, border=0)]
+    body += ["<h2>per run (mechanism held out)</h2>", format_cells(held).to_html(index=False, border=0)]
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
              "font-size:11px}td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>warnings report</title>"

@@ -18,7 +18,8 @@ from stabilitylab.sweeps.store import FINISHED, SweepStore, runs_frame
 _TABLE_EVERY_S = 30.0
 
 
-def _trainer_name(train_fn: TrainFn | None) -> str:
+def trainer_name(train_fn: TrainFn | None) -> str:
+    """The name a store records for ``train_fn`` (None: the built-in proxy trainer); stores refuse other trainers' runs."""
     if train_fn is None:
         return "stabilitylab.proxy"
     if not callable(train_fn):
@@ -70,7 +71,7 @@ def sweep(spec: SweepSpec | str | os.PathLike, executor: str = "local", store: s
     if workers is not None and not int_at_least(workers, 1):
         raise ValueError(f"sweep(workers={workers!r}): must be a positive int or None")
     st = SweepStore(Path("runs") / spec.name if store is None else store)
-    st.open(spec, _trainer_name(train_fn), extend=extend)
+    st.open(spec, trainer_name(train_fn), extend=extend)
     rows = st.rows()
     points = spec.points()
     keep = FINISHED if retry_failed else (*FINISHED, "failed")

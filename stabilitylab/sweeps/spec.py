@@ -16,8 +16,12 @@ The same spec as TOML (``SweepSpec.from_toml(path)``; ``spec.to_toml()`` writes 
     [train]                                         # extra TrainConfig fields for every point
     optimizer = "adamw"
 
-A point's config is built in this order, later wins: TrainConfig / ProxyConfig defaults, the fixed
-settings (``steps`` ... ``device``), ``model`` / ``train``, the size, the variant, then ``lr`` and ``seed``.
+The spec holds one base ``TrainConfig`` (``base``; default ``TrainConfig()``): ``steps``, ``batch_size``,
+``seq_len``, ``warmup_steps``, ``weight_decay``, ``eps``, ``data_path``, ``device`` are aliases for its
+fields and ``model`` / ``train`` (the TOML ``[model]`` / ``[train]`` tables) hold its other non-default
+fields. The one rule kept from before the base existed: without ``base`` and ``warmup_steps``, warm-up is
+``max(1, steps // 10)``. A point's config is built in this order, later wins: the base (itself, then
+``train`` / ``model``, then the aliases), the size, the variant, then ``lr`` and ``seed``.
 Its ``run_id`` is the first 16 hex digits of the SHA-256 of the canonical JSON (sorted keys) of
 ``{size, variant, every, probes, config}``, so it is the same in every process and on every machine.
 """
@@ -43,8 +47,10 @@ from stabilitylab.proxy.train import TrainConfig
 _PROXY_FIELDS = frozenset(f.name for f in fields(ProxyConfig))
 _TRAIN_FIELDS = frozenset(f.name for f in fields(TrainConfig)) - {"model", "lr", "seed"}
 _SIZE_KEYS = ("d_model", "n_layers", "head_dim")
-#: TrainConfig fields the spec sets directly (so ``train = {...}`` may not repeat them).
+#: TrainConfig fields the spec has aliases for (so ``train = {...}`` may not repeat them).
 _FIXED_TRAIN = ("steps", "batch_size", "warmup_steps", "weight_decay", "eps", "data_path", "device")
+_TRAIN_DEFAULTS = {k: v for k, v in asdict(TrainConfig()).items() if k != "model"}
+_MODEL_DEFAULTS = asdict(ProxyConfig())
 
 
 @dataclass(frozen=True)
@@ -200,30 +206,38 @@ class SweepSpec:
     ``name`` (label) and ``bundle`` (a bundle to start from)."""
     seeds: Any = (0,)
     """Seeds (init and data order); each is a grid axis."""
-    steps: int = 300
-    """Optimizer steps per run."""
-    batch_size: int = 16
-    """Sequences per step."""
-    seq_len: int = 64
-    """Tokens per sequence."""
+    base: Any = None
+    """The ``TrainConfig`` every point starts from (or a dict of its fields, ``model`` a dict of ProxyConfig
+    fields); None: ``TrainConfig()``. Its ``lr`` and ``seed`` and its model's size fields are set per point.
+    After creation it holds the resolved base (the fields below, ``model`` and ``train`` applied)."""
+    steps: int | None = None
+    """Alias for ``base.steps`` (None: the base's). Without a ``base`` and a ``warmup_steps``, warm-up is
+    ``max(1, steps // 10)``, as before the base existed (30 = TrainConfig's default at 300 steps)."""
+    batch_size: int | None = None
+    """Alias for ``base.batch_size``."""
+    seq_len: int | None = None
+    """Alias for ``base.model.seq_len``."""
     warmup_steps: int | None = None
-    """Linear warm-up steps (None: ``max(1, steps // 10)``)."""
-    weight_decay: float = 1e-4
-    """Weight decay on matrices."""
-    eps: float = 1e-8
-    """Adam epsilon."""
+    """Alias for ``base.warmup_steps`` (see ``steps`` for the default)."""
+    weight_decay: float | None = None
+    """Alias for ``base.weight_decay``."""
+    eps: float | None = None
+    """Alias for ``base.eps``."""
     every: int = 10
     """Monitor logging interval in steps."""
     probes: Any = "default"
     """Monitor probes: ``"default"`` or a list of probe names."""
     data_path: str | None = None
-    """Text file / directory for the proxy's byte data (None: the Python standard library sources)."""
-    device: str = "cpu"
-    """Torch device each run trains on."""
+    """Alias for ``base.data_path`` (the proxy's byte data; None: the base's)."""
+    device: str | None = None
+    """Alias for ``base.device``."""
     model: Mapping[str, Any] = field(default_factory=dict)
-    """Extra ``ProxyConfig`` fields for every point (not the size fields or seq_len)."""
+    """Extra ``ProxyConfig`` fields for every point (not the size fields or seq_len). After creation: the
+    base model's fields that differ from ``ProxyConfig``'s defaults."""
     train: Mapping[str, Any] = field(default_factory=dict)
-    """Extra ``TrainConfig`` fields for every point (not lr, seed or the fixed fields above)."""
+    """Extra ``TrainConfig`` fields for every point (not lr, seed or the aliases above). After creation: the
+    base's other fields that differ from ``TrainConfig``'s defaults (so the TOML ``[train]`` table and the
+    aliases describe the base)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -252,25 +266,61 @@ class SweepSpec:
                                        f"{', '.join(sorted(allowed))} (sizes, lrs, seeds and fixed settings "
                                        "have their own fields)")
             set_(self, arg, dict(value))
+        self._resolve_base()
         set_(self, "_points", self._build(sizes, variants))
 
+    def _resolve_base(self) -> None:
+        """Build ``base`` from itself, ``model``, ``train`` and the aliases; then store every one of them in
+        its canonical form (aliases = the base's values, ``model``/``train`` = non-default fields)."""
+        set_ = object.__setattr__
+        base = self.base
+        if isinstance(base, TrainConfig):
+            base = asdict(base)
+        elif base is None:
+            base = {}
+        elif not isinstance(base, Mapping):
+            raise _err("base", self.base, "pass a TrainConfig, a dict of its fields, or None (TrainConfig())")
+        train = {k: v for k, v in base.items() if k not in ("model", "lr", "seed")}
+        model = {k: v for k, v in dict(base.get("model") or {}).items() if k not in _SIZE_KEYS}
+        aliases = {a: getattr(self, a) for a in _FIXED_TRAIN if getattr(self, a) is not None}
+        train.update({**self.train, **aliases})
+        model.update(self.model)
+        if self.seq_len is not None:
+            model["seq_len"] = self.seq_len
+        if self.base is None and "warmup_steps" not in train:
+            steps = train.get("steps", _TRAIN_DEFAULTS["steps"])
+            train["warmup_steps"] = max(1, steps // 10) if int_at_least(steps, 1) else steps
+        try:
+            resolved = TrainConfig(**train, model=ProxyConfig(**model))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"SweepSpec: bad base config: {e}") from None
+        full = asdict(resolved)
+        full_model = full.pop("model")
+        for a in _FIXED_TRAIN:
+            set_(self, a, full[a])
+        set_(self, "seq_len", full_model["seq_len"])
+        set_(self, "train", {k: v for k, v in full.items()
+                             if k not in (*_FIXED_TRAIN, "lr", "seed") and v != _TRAIN_DEFAULTS[k]})
+        set_(self, "model", {k: v for k, v in full_model.items()
+                             if k not in (*_SIZE_KEYS, "seq_len") and v != _MODEL_DEFAULTS[k]})
+        size_defaults = {k: _MODEL_DEFAULTS[k] for k in _SIZE_KEYS}
+        set_(self, "base", TrainConfig(**{**full, "lr": _TRAIN_DEFAULTS["lr"], "seed": _TRAIN_DEFAULTS["seed"]},
+                                       model=ProxyConfig(**{**full_model, **size_defaults})))
+
     def _check_probes(self) -> None:
-        from stabilitylab.probes import REGISTRY, _lazy_registry
+        from stabilitylab.probes import REGISTRY, register_optional_probes
 
         if self.probes == "default":
             return
-        _lazy_registry()
+        register_optional_probes()
         if isinstance(self.probes, str) or not isinstance(self.probes, Sequence) or not self.probes or \
                 any(p not in REGISTRY for p in self.probes):
             raise _err("probes", self.probes, f"use 'default' or a list of probe names from {sorted(REGISTRY)}")
         object.__setattr__(self, "probes", tuple(self.probes))
 
     def _build(self, sizes, variants) -> tuple[Point, ...]:
-        fixed = {"steps": self.steps, "batch_size": self.batch_size, "weight_decay": self.weight_decay,
-                 "eps": self.eps, "data_path": self.data_path, "device": self.device,
-                 "warmup_steps": self.warmup_steps}
-        if fixed["warmup_steps"] is None:
-            fixed["warmup_steps"] = max(1, self.steps // 10) if isinstance(self.steps, int) else self.steps
+        base = asdict(self.base)
+        base_model = base.pop("model")
         points, by_config = [], {}
         for size, size_kw in sizes:
             for variant, v_model, v_train in variants:
@@ -278,8 +328,8 @@ class SweepSpec:
                     for seed in self.seeds:
                         where = f"size={size!r}, variant={variant!r}, lr={lr:g}, seed={seed}"
                         try:
-                            model = ProxyConfig(**{"seq_len": self.seq_len, **self.model, **size_kw, **v_model})
-                            cfg = TrainConfig(**{**fixed, **self.train, **v_train}, model=model, lr=lr, seed=seed)
+                            model = ProxyConfig(**{**base_model, **size_kw, **v_model})
+                            cfg = TrainConfig(**{**base, **v_train, "lr": lr, "seed": seed}, model=model)
                         except (TypeError, ValueError) as e:
                             raise ValueError(f"SweepSpec: point ({where}) has a bad config: {e}") from None
                         cfg_json = canonical_json(asdict(cfg))
@@ -307,7 +357,7 @@ class SweepSpec:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (lists, not tuples); ``SweepSpec.from_dict(spec.to_dict()) == spec``."""
-        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self)}))
+        return json.loads(json.dumps({f.name: getattr(self, f.name) for f in fields(self) if f.name != "base"}))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SweepSpec:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,16 +32,20 @@ from typing import Any
 import pandas as pd
 from filelock import FileLock, Timeout
 
-from stabilitylab.sinks.base import records_to_frame
-from stabilitylab.sinks.parquet import atomic_write_parquet
+from stabilitylab._io import atomic_write_parquet
+from stabilitylab.sweeps.files import (  # noqa: F401 - load_sweep, order_columns re-exported
+    LEAD_COLUMNS,
+    RESULT_COLUMNS,
+    StoreFiles,
+    load_sweep,
+    open_store_files,
+    order_columns,
+    runs_frame,
+)
 from stabilitylab.sweeps.spec import SweepSpec
 
 FORMAT = "stabilitylab.sweep/1"
-#: Result columns of every row, after the point's labels and config columns.
-RESULT_COLUMNS = ("final_loss", "init_loss", "diverged", "steps_done", "status", "error", "wall_time")
-LEAD_COLUMNS = ("run_id", "lr", "size", "n_params", "variant", "seed")
 FINISHED = ("ok", "diverged")
-_RUN_FILE = re.compile(r"[0-9a-f]{16}\.parquet")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -51,25 +54,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def order_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """Labels first, then config columns, then results, then any extra result keys of a ``train_fn``."""
-    lead = [c for c in LEAD_COLUMNS if c in df.columns]
-    tail = [c for c in RESULT_COLUMNS if c in df.columns]
-    return df[lead + [c for c in df.columns if c not in lead and c not in tail] + tail] \
-        if df.columns.size else pd.DataFrame(columns=[*LEAD_COLUMNS, *RESULT_COLUMNS])
-
-
-class SweepStore:
+class SweepStore(StoreFiles):
     """Reads and writes one sweep directory (see the module docstring). Only sweep drivers write it; several
     may at once (claims and the store lock keep them apart)."""
 
     def __init__(self, path: str | os.PathLike):
-        if not isinstance(path, (str, os.PathLike)) or str(path) == "":
-            raise ValueError(f"store={path!r}: pass a directory path (str or Path)")
-        self.path = Path(path)
-        self.runs_dir = self.path / "runs"
-        self.history_dir = self.path / "history"
-        self.spec_file = self.path / "spec.json"
+        super().__init__(path)
         self.claims_dir = self.path / "claims"
 
     # ------------------------------------------------------------------ locks
@@ -157,44 +147,35 @@ class SweepStore:
             atomic_write_parquet(history, self.history_dir / f"{rid}.parquet")
         atomic_write_parquet(pd.DataFrame([row]), self.runs_dir / f"{rid}.parquet")
 
-    def rows(self) -> dict[str, dict[str, Any]]:
-        """Every readable run row by run id; unreadable or foreign files are reported (one warning) and skipped."""
-        out, bad = {}, []
-        if self.runs_dir.is_dir():
-            for f in sorted(self.runs_dir.iterdir()):
-                if f.name.startswith("."):  # temp files of an interrupted atomic write
-                    continue
-                try:
-                    if not _RUN_FILE.fullmatch(f.name):
-                        raise ValueError("not a run file")
-                    recs = pd.read_parquet(f).to_dict("records")
-                    if len(recs) != 1 or recs[0].get("run_id") != f.stem or "status" not in recs[0]:
-                        raise ValueError("not a result row of this run id")
-                except (OSError, ValueError, ImportError) as e:  # pyarrow raises ArrowInvalid (a ValueError)
-                    bad.append(f"{f.name} ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})")
-                    continue
-                out[f.stem] = recs[0]
-        if bad:
-            warnings.warn(f"stabilitylab sweep store {str(self.path)!r}: skipped {len(bad)} file(s) in runs/ "
-                          f"that are not run results: {'; '.join(bad)}", stacklevel=3)
-        return out
+    def copy_finished(self, sources: list[str | os.PathLike], run_ids) -> list[str]:
+        """Copy the finished runs (row + history) among ``run_ids`` that this store lacks from other stores.
 
-    def history(self, run_ids) -> pd.DataFrame:
-        """Tidy history of ``run_ids`` (runs without a readable history file contribute nothing)."""
-        frames, bad = [], []
-        for rid in run_ids:
-            f = self.history_dir / f"{rid}.parquet"
-            if not f.exists():
+        The first source holding a run wins; sources without a ``runs/`` folder are skipped, and their
+        unreadable files are that store's business (no warning here).
+
+        Args:
+            sources: other sweep stores, in order of preference.
+            run_ids: the run ids wanted (e.g. a spec's points).
+
+        Returns:
+            the run ids copied.
+        """
+        have = self.rows()
+        todo = {r for r in run_ids if have.get(r, {}).get("status") not in FINISHED}
+        copied: list[str] = []
+        for path in sources:
+            src = SweepStore(path)
+            if not todo or not src.runs_dir.is_dir():
                 continue
-            try:
-                frames.append(pd.read_parquet(f))
-            except (OSError, ValueError) as e:
-                bad.append(f"{f.name} ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})")
-        if bad:
-            warnings.warn(f"stabilitylab sweep store {str(self.path)!r}: skipped {len(bad)} unreadable file(s) "
-                          f"in history/: {'; '.join(bad)}", stacklevel=3)
-        frames = [f for f in frames if len(f)]
-        return pd.concat(frames, ignore_index=True) if frames else records_to_frame([])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rows = {k: r for k, r in src.rows().items() if k in todo and r["status"] in FINISHED}
+            for rid, row in rows.items():
+                hist = src.history([rid])
+                self.write(row, hist if len(hist) else None)
+                todo.discard(rid)
+                copied.append(rid)
+        return copied
 
     def write_runs_table(self) -> pd.DataFrame:
         """Rebuild ``runs.parquet`` from the per-run files, under the store lock; returns the table."""
@@ -204,40 +185,12 @@ class SweepStore:
         return df
 
 
-def runs_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    """Rows (dicts) -> runs DataFrame with dtypes inferred across all rows and the standard column order."""
-    return order_columns(pd.DataFrame.from_records(rows) if rows else pd.DataFrame())
-
-
-def _store(path: str | os.PathLike) -> SweepStore:
-    store = SweepStore(path)
-    if not store.path.is_dir():
-        raise FileNotFoundError(f"no sweep store at {str(store.path)!r} (directory does not exist)")
-    if not store.spec_file.exists() and not store.runs_dir.is_dir():
-        raise ValueError(f"{str(store.path)!r} is not a sweep store (no spec.json or runs/); pass the "
-                         "directory given to sweep(store=...)")
-    return store
-
-
-def load_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read a sweep store: ``(runs, history)`` DataFrames rebuilt from the per-run files.
-
-    ``runs`` has one row per recorded run (status ``ok``, ``diverged`` or ``failed``; filter out
-    ``failed`` before analysis): run_id, lr, size, n_params, variant, seed, the config columns,
-    final_loss, init_loss, diverged, steps_done, status, error, wall_time (seconds), plus any extra
-    keys a ``train_fn`` returned. ``history`` holds the tidy monitor records of those runs.
-    """
-    store = _store(path)
-    rows = store.rows()
-    return runs_frame(list(rows.values())), store.history(rows)
-
-
 def sweep_status(path: str | os.PathLike) -> pd.DataFrame:
     """One row per grid point of every spec in the store: labels and ``status`` (ok / diverged / failed / missing).
 
     Also lists recorded runs that belong to no stored spec (``in_spec`` False).
     """
-    store = _store(path)
+    store = SweepStore(open_store_files(path).path)
     rows = store.rows()
     table, seen = [], set()
     for spec in store.specs():

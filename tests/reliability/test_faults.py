@@ -24,25 +24,11 @@ from stabilitylab.sinks.base import Records, Sink
 from stabilitylab.sinks.parquet import read_history
 
 
-def _train(model, opt, mon, batch, steps, before_step=None):
-    x, y = batch
-    out = []
-    for i in range(steps):
-        _, loss = model(x, y)
-        loss.backward()
-        if before_step is not None:
-            before_step(i)
-        opt.step()
-        opt.zero_grad()
-        out.append(mon.step(loss))
-    return out
-
-
 def _events(mon, kind):
     return [e for e in mon.events if e.kind == kind]
 
 
-def test_nan_parameters_are_counted_exactly_and_raise_an_event(tiny_model, tiny_batch):
+def test_nan_parameters_are_counted_exactly_and_raise_an_event(tiny_model, tiny_batch, train_loop):
     opt = torch.optim.SGD(tiny_model.parameters(), lr=0.0)  # lr 0: the injected NaNs stay as they are
     mon = sl.Monitor(tiny_model, optimizer=opt, every=1)
     w = tiny_model.blocks[0].mlp.c_fc.weight
@@ -52,19 +38,19 @@ def test_nan_parameters_are_counted_exactly_and_raise_an_event(tiny_model, tiny_
             with torch.no_grad():
                 w[:3, :2] = float("nan")
 
-    vals = _train(tiny_model, opt, mon, tiny_batch, 2, poison)
+    vals = train_loop(tiny_model, opt, tiny_batch, 2, mon, before_opt_step=poison)
     assert vals[0][(M.HEALTH_NONFINITE, "param")] == 0
     assert vals[1][(M.HEALTH_NONFINITE, "param")] == 6
     assert math.isnan(vals[1][(M.PARAM_RMS, "blocks.0.mlp.c_fc.weight")])
     assert [e.step for e in _events(mon, "nonfinite") if e.module == "param"] == [1]
 
 
-def test_inf_gradients_are_counted_before_the_optimizer_step(tiny_model, tiny_batch):
+def test_inf_gradients_are_counted_before_the_optimizer_step(tiny_model, tiny_batch, train_loop):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     mon = sl.Monitor(tiny_model, optimizer=opt, every=1)
     p = tiny_model.blocks[1].attn.c_proj.weight
     h = p.register_hook(lambda g: g.index_fill(0, torch.tensor([0, 5]), float("inf")))  # 2 rows
-    vals = _train(tiny_model, opt, mon, tiny_batch, 1)
+    vals = train_loop(tiny_model, opt, tiny_batch, 1, mon)
     h.remove()
     assert vals[0][(M.HEALTH_NONFINITE, "grad")] == 2 * p.shape[1]
     assert vals[0][(M.GRAD_GLOBAL_NORM, "")] == math.inf
@@ -72,14 +58,14 @@ def test_inf_gradients_are_counted_before_the_optimizer_step(tiny_model, tiny_ba
 
 
 @pytest.mark.parametrize("where", ["activations", "logits"])
-def test_nonfinite_activations_and_logits_are_recorded_not_raised(tiny_model, tiny_batch, where):
+def test_nonfinite_activations_and_logits_are_recorded_not_raised(tiny_model, tiny_batch, train_loop, where):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     mon = sl.Monitor(tiny_model, optimizer=opt, every=1)
     target = tiny_model.blocks[0].attn.c_attn if where == "activations" else tiny_model.lm_head
     h = target.register_forward_hook(lambda m, a, out: out * float("nan"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # NaN data is not a warning either
-        vals = _train(tiny_model, opt, mon, tiny_batch, 1)[0]
+        vals = train_loop(tiny_model, opt, tiny_batch, 1, mon)[0]
     h.remove()
     assert math.isnan(vals[(M.LOSS, "")])
     assert vals[(M.HEALTH_NONFINITE, "loss")] == 1
@@ -117,18 +103,18 @@ class _Exploding(Probe):
 
 
 @pytest.mark.parametrize("on_host", [False, True])
-def test_an_exception_inside_a_probe_is_one_warning_and_an_event(tiny_model, tiny_batch, on_host):
+def test_an_exception_inside_a_probe_is_one_warning_and_an_event(tiny_model, tiny_batch, train_loop, on_host):
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="probe bug|host bug") as rec:
         mon = sl.Monitor(tiny_model, optimizer=opt, every=1, probes=["optimizer", "health", _Exploding(on_host)])
-        vals = _train(tiny_model, opt, mon, tiny_batch, 3)
+        vals = train_loop(tiny_model, opt, tiny_batch, 3, mon)
     assert len([w for w in rec if "bug" in str(w.message)]) == 1
     errors = _events(mon, "probe_error")
     assert [e.step for e in errors] == [0, 1, 2] and all(e.module == "exploding" for e in errors)
     assert all(math.isfinite(v[(M.GRAD_GLOBAL_NORM, "")]) for v in vals)  # other probes unaffected
 
 
-def test_an_exception_in_the_attention_path_does_not_reach_the_forward(tiny_model, tiny_batch, monkeypatch):
+def test_an_exception_in_the_attention_path_does_not_reach_the_forward(tiny_model, tiny_batch, train_loop, monkeypatch):
     from stabilitylab.probes.attention import AttentionProbe
 
     def broken(self, *a, **k):
@@ -138,7 +124,7 @@ def test_an_exception_in_the_attention_path_does_not_reach_the_forward(tiny_mode
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="attention bug"):
         mon = sl.Monitor(tiny_model, optimizer=opt, every=1)
-        vals = _train(tiny_model, opt, mon, tiny_batch, 2)
+        vals = train_loop(tiny_model, opt, tiny_batch, 2, mon)
     assert math.isfinite(vals[1][(M.LOSS, "")])
     assert {e.module for e in _events(mon, "probe_error")} == {"attention"}
 
@@ -166,18 +152,18 @@ class _Flaky(Sink):
 @pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
                                  PermissionError(errno.EACCES, "Permission denied"),
                                  ConnectionError("wandb: 502 Bad Gateway")])
-def test_a_failing_sink_never_stops_training_and_loses_nothing(tiny_model, tiny_batch, exc):
+def test_a_failing_sink_never_stops_training_and_loses_nothing(tiny_model, tiny_batch, train_loop, exc):
     sink = _Flaky(exc, fail=5)
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="sink _Flaky failed") as rec:
         mon = sl.Monitor(tiny_model, optimizer=opt, every=1, sinks=[sink])
-        _train(tiny_model, opt, mon, tiny_batch, 8)
+        train_loop(tiny_model, opt, tiny_batch, 8, mon)
         mon.close()
     assert len([w for w in rec if "_Flaky" in str(w.message)]) == 1
     assert sink.got == list(range(8))  # every step, in order, exactly once
 
 
-def test_parquet_sink_on_a_full_disk_keeps_records_and_writes_them_on_recovery(tiny_model, tiny_batch,
+def test_parquet_sink_on_a_full_disk_keeps_records_and_writes_them_on_recovery(tiny_model, tiny_batch, train_loop,
                                                                                tmp_path, monkeypatch):
     full = {"on": True}
     real = pd.DataFrame.to_parquet
@@ -192,9 +178,9 @@ def test_parquet_sink_on_a_full_disk_keeps_records_and_writes_them_on_recovery(t
     sink = sl.sinks.Parquet(tmp_path / "store", flush_records=1)
     with pytest.warns(UserWarning, match="No space left"):
         mon = sl.Monitor(tiny_model, optimizer=opt, every=1, sinks=[sink])
-        _train(tiny_model, opt, mon, tiny_batch, 4)
+        train_loop(tiny_model, opt, tiny_batch, 4, mon)
         full["on"] = False
-        _train(tiny_model, opt, mon, tiny_batch, 2)
+        train_loop(tiny_model, opt, tiny_batch, 2, mon)
         mon.close()
     on_disk = read_history(tmp_path / "store")
     mem = mon.history()

@@ -12,19 +12,7 @@ from stabilitylab import Monitor, sinks
 from stabilitylab.sinks import parquet as pq_mod
 
 
-def _loop(model, batch, mon, steps, after_step=None):
-    opt = mon.optimizer
-    for i in range(steps):
-        _, loss = model(*batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        mon.step(loss)
-        if after_step:
-            after_step(i)
-
-
-def test_parts_appear_during_the_run_atomically_and_equal_history(tiny_model, tiny_batch, tmp_path, monkeypatch):
+def test_parts_appear_during_the_run_atomically_and_equal_history(tiny_model, tiny_batch, train_loop, tmp_path, monkeypatch):
     renames = []
     real_replace = os.replace
 
@@ -40,8 +28,8 @@ def test_parts_appear_during_the_run_atomically_and_equal_history(tiny_model, ti
     opt = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
     mon = Monitor(tiny_model, optimizer=opt, every=2, sinks=[sink], run_id="exp/1")
     parts_seen = []
-    _loop(tiny_model, tiny_batch, mon, 6,
-          after_step=lambda i: parts_seen.append(len(list((path / "history").glob("*.parquet")))))
+    train_loop(tiny_model, opt, tiny_batch, 6, mon,
+               after=lambda i: parts_seen.append(len(list((path / "history").glob("*.parquet")))))
     assert parts_seen == [1, 1, 2, 2, 3, 3]  # a part per logged step, before close
     mon.close()
     files = sorted(os.listdir(path / "history"))
@@ -59,11 +47,11 @@ def test_parts_appear_during_the_run_atomically_and_equal_history(tiny_model, ti
                                   check_dtype=False)
 
 
-def test_buffered_records_are_flushed_on_close_and_history_from_parquet(tiny_model, tiny_batch, tmp_path):
+def test_buffered_records_are_flushed_on_close_and_history_from_parquet(tiny_model, tiny_batch, train_loop, tmp_path):
     sink = sinks.Parquet(tmp_path / "p", flush_records=10**9, flush_every_s=None)
     opt = torch.optim.SGD(tiny_model.parameters(), lr=1e-3)
     mon = Monitor(tiny_model, optimizer=opt, every=1, sinks=[sink], keep_history=False, run_id="r")
-    _loop(tiny_model, tiny_batch, mon, 3)
+    train_loop(tiny_model, mon.optimizer, tiny_batch, 3, mon)
     assert list((tmp_path / "p" / "history").glob("*.parquet")) == []
     assert len(sink.read()) > 0  # buffered rows are visible through the sink
     mon.close()

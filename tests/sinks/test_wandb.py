@@ -14,7 +14,8 @@ import torch
 import stabilitylab as sl
 from stabilitylab import metrics as M
 from stabilitylab.probes.base import Event
-from stabilitylab.sinks.wandb import WandB, log_sweep_summary
+from stabilitylab.sinks.wandb import WandB
+from stabilitylab.studies.sweep_summary import log_sweep_summary
 
 STEP = "stabilitylab/step"
 

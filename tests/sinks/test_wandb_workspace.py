@@ -125,7 +125,7 @@ def test_sweep_figures_reach_the_sweep_summary_under_the_keys_the_view_shows(wan
 
     from stabilitylab.diagnosis import run_label
     from stabilitylab.plots import sweep_figures
-    from stabilitylab.sinks.wandb import log_sweep_summary
+    from stabilitylab.studies.sweep_summary import log_sweep_summary
 
     runs = pd.read_parquet(tiny_sweep_store / "runs.parquet")
     history = pd.read_parquet(tiny_sweep_store / "history.parquet")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stabilitylab import reproduce as R
+from stabilitylab.studies import reproduce as R
 
 pytestmark = pytest.mark.slow
 

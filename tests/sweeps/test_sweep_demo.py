@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from stabilitylab.demo import run_demo
+from stabilitylab.studies.demo import run_demo
 
 
 def test_run_demo_writes_its_tables_and_reuses_finished_points(tmp_path):

@@ -141,3 +141,30 @@ def test_fields_added_later_keep_old_run_ids_while_at_their_defaults():
     assert p.run_id == hashlib.sha256(canonical_json(key).encode()).hexdigest()[:16]
     scheduled = SweepSpec(sizes=["xs"], lrs=[1e-3], steps=20, train={"lr_schedule": "0:1,10:2"}).points()[0]
     assert scheduled.run_id != p.run_id
+
+
+def test_spec_holds_one_base_train_config_and_the_old_keywords_are_aliases_onto_it():
+    from dataclasses import asdict
+
+    from stabilitylab.proxy import ProxyConfig, TrainConfig
+
+    old = SweepSpec(lrs=[1e-2, 3e-2], sizes=[TINY], steps=40, batch_size=8, seq_len=32, eps=1e-9,
+                    train={"beta2": 0.99})
+    assert isinstance(old.base, TrainConfig)
+    assert (old.base.steps, old.base.batch_size, old.base.model.seq_len, old.base.eps) == (40, 8, 32, 1e-9)
+    assert old.base.warmup_steps == 4 and old.steps == 40 and old.train == {"beta2": 0.99}  # max(1, 40 // 10)
+    base = TrainConfig(steps=40, batch_size=8, warmup_steps=4, eps=1e-9, beta2=0.99, model=ProxyConfig(seq_len=32))
+    new = SweepSpec(lrs=[1e-2, 3e-2], sizes=[TINY], base=base)
+    assert new == old and [p.run_id for p in new.points()] == [p.run_id for p in old.points()]
+    plain = SweepSpec(lrs=[1e-2, 3e-2], sizes=[TINY], variants=[{"name": "plain"}], base=base)
+    assert [p.config for p in plain.points()] == [
+        TrainConfig(**{**asdict(base), "lr": lr, "model": {**asdict(base.model), **TINY}}) for lr in (1e-2, 3e-2)]
+    # A base's own warm-up is kept; an alias overrides the base field.
+    assert SweepSpec(lrs=[1e-2], base=TrainConfig(steps=1000)).points()[0].config.warmup_steps == 30
+    assert SweepSpec(lrs=[1e-2], steps=1000).points()[0].config.warmup_steps == 100
+    assert SweepSpec(lrs=[1e-2], base=base, steps=50).points()[0].config.steps == 50
+    assert SweepSpec.from_dict({"lrs": [1e-2], "base": {"steps": 12, "model": {"mlp_ratio": 2}}}).model == {"mlp_ratio": 2}
+    with pytest.raises(ValueError, match=r"base=3\): pass a TrainConfig"):
+        SweepSpec(lrs=[1e-2], base=3)
+    with pytest.raises(ValueError, match=r"bad base config.*clip=-1"):
+        SweepSpec(lrs=[1e-2], base={"clip": -1})

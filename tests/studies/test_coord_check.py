@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from stabilitylab import Monitor
-from stabilitylab.mitigations import coord_check, plot_coord_check, width_slopes
 from stabilitylab.proxy import ProxyConfig, ProxyTransformer
+from stabilitylab.studies.coord_check import coord_check, plot_coord_check, width_slopes
 
 WIDTHS = [32, 64, 128, 256]
 
@@ -85,3 +85,14 @@ def test_mup_package_models_can_be_monitored_and_coord_checked():
     h = mon.history()
     assert {"logits.lse_mean", "update.rms", "act.rms"} <= set(h["metric"])
     assert h[h["module"] == "readout.weight"]["metric"].str.startswith("update").any()
+
+
+def test_old_mitigations_path_still_works_with_a_deprecation_warning():
+    import stabilitylab.mitigations as mit
+
+    for name, fn in (("coord_check", coord_check), ("plot_coord_check", plot_coord_check),
+                     ("width_slopes", width_slopes)):
+        with pytest.warns(DeprecationWarning, match=f"studies.coord_check.{name}"):
+            assert getattr(mit, name) is fn
+    with pytest.raises(AttributeError, match="no_such_name"):
+        mit.no_such_name  # noqa: B018
