@@ -10,6 +10,7 @@ under ``loss_parallel``. Run with ``-s`` to print the max relative error per met
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 import pytest
@@ -40,7 +41,17 @@ def _run(name, tmp_path_factory):
 
     world, dp, sp, lp = CONFIGS[name]
     out = tmp_path_factory.mktemp(name)
-    mp.spawn(tp_worker, args=(world, free_port(), str(out), dp, sp, lp), nprocs=world, join=True)
+    try:
+        mp.spawn(tp_worker, args=(world, free_port(), str(out), dp, sp, lp), nprocs=world, join=True)
+    except mp.ProcessExitedException as e:
+        # A worker killed by a signal (seen once in CI: "malloc(): unaligned tcache chunk detected" inside a
+        # gloo worker, not reproduced in later runs) is retried once, loudly; an exception raised by our
+        # code (exit code 1, with a traceback) or a second crash fails the test.
+        if not e.signal_name:
+            raise
+        warnings.warn(f"{name}: {e} (native crash of a gloo worker); retrying once", stacklevel=1)
+        out = tmp_path_factory.mktemp(f"{name}-retry")
+        mp.spawn(tp_worker, args=(world, free_port(), str(out), dp, sp, lp), nprocs=world, join=True)
     ranks = [pickle.loads((out / f"rank{r}.pkl").read_bytes()) for r in range(world)]
     for r, res in enumerate(ranks):
         assert "error" not in res, f"{name} rank {r}: {res['error']}"
