@@ -141,7 +141,9 @@ def lr_knots_factor(step: int, knots: list[tuple[int, float]]) -> float:
     return knots[-1][1]
 
 
-def _scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(opt: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR schedule ``train_one`` uses for ``config`` (any trainer of a TrainConfig should call it):
+    ``lr_schedule`` knots when set, else warm-up + cosine down to ``min_lr``."""
     if config.lr_schedule:
         knots = lr_knots(config.lr_schedule)
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_knots_factor(s, knots))
@@ -241,7 +243,7 @@ def train_one(config: TrainConfig, monitor: MonitorArg = None, progress: bool = 
     data = ByteData(config.model.seq_len, config.data_path)
     model = ProxyTransformer(config.model).to(config.device)
     opt = build_optimizer(model, config)
-    sched = _scheduler(opt, config)
+    sched = build_scheduler(opt, config)
     frozen = [p for n, p in model.named_parameters() if n.startswith(config.freeze_prefix)] \
         if config.freeze_until else []
     init_loss = evaluate(model, data, config)

@@ -154,9 +154,8 @@ def train_hf_gpt2(config, monitor) -> dict[str, Any]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from stabilitylab.mitigations.schedules import warmup_cosine
     from stabilitylab.proxy.data import ByteData
-    from stabilitylab.proxy.train import lr_knots, lr_knots_factor
+    from stabilitylab.proxy.train import build_scheduler
 
     m = config.model
     torch.manual_seed(config.seed)
@@ -167,11 +166,7 @@ def train_hf_gpt2(config, monitor) -> dict[str, Any]:
     data = ByteData(m.seq_len, config.data_path)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                             eps=config.eps, weight_decay=config.weight_decay)
-    if config.lr_schedule:
-        knots = lr_knots(config.lr_schedule)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_knots_factor(s, knots))
-    else:
-        sched = warmup_cosine(opt, config.warmup_steps, config.steps, floor=min(1.0, config.min_lr / config.lr))
+    sched = build_scheduler(opt, config)
 
     @torch.no_grad()
     def held_out() -> float:

@@ -9,7 +9,7 @@ import torch
 from stabilitylab import Monitor
 from stabilitylab.proxy import ProxyConfig, TrainConfig, train_one
 from stabilitylab.proxy.model import ProxyTransformer
-from stabilitylab.proxy.train import _scheduler, build_optimizer, lr_knots, lr_knots_factor
+from stabilitylab.proxy.train import build_optimizer, build_scheduler, lr_knots, lr_knots_factor
 
 TINY = dict(d_model=16, n_layers=1, head_dim=8, seq_len=16)
 
@@ -23,7 +23,7 @@ def test_lr_schedule_matches_numpy_interp_and_holds_outside_the_knots():
     cfg = TrainConfig(model=ProxyConfig(**TINY), lr=0.05, lr_schedule=text, steps=120)
     model = ProxyTransformer(cfg.model)
     opt = build_optimizer(model, cfg)
-    sched = _scheduler(opt, cfg)
+    sched = build_scheduler(opt, cfg)
     for s in range(60):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * np.interp(s, xs, ys))
         opt.step()
