@@ -1,17 +1,22 @@
-"""Monitor plumbing a reader of ``monitor.py`` does not need: its argument checks, the ``torch.compile``
-stance on logged steps, wrapper unwrapping, the device of a model, and the one device -> host transfer of
-a logged step."""
+"""Monitor plumbing a reader of ``monitor.py`` does not need: its argument checks and messages, the
+``torch.compile`` stance on logged steps, wrapper unwrapping, the device of a model, the loss record,
+stacking a logged step's partials on one device, the one device -> host transfer of a logged step, and
+reading a run back from its Parquet sink."""
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
-from stabilitylab._checks import int_at_least
-from stabilitylab.metrics import check_every
+from stabilitylab._checks import check_every, int_at_least
+from stabilitylab.metrics import LOSS, Block, Event
 from stabilitylab.sinks.base import Sink
+from stabilitylab.sinks.parquet import Parquet, read_history
 
 
 def check_monitor_args(*, model: Any, every: Any, sinks: Any, keep_history: Any, run_id: Any, start_step: Any,
@@ -52,10 +57,63 @@ def check_monitor_args(*, model: Any, every: Any, sinks: Any, keep_history: Any,
     return list(sinks)
 
 
+def check_set_step(closed: bool, step: Any) -> None:
+    """Validate ``Monitor.set_step(step)`` on a monitor that is ``closed`` or not."""
+    if closed:
+        raise RuntimeError("Monitor.set_step: the monitor is closed")
+    if not int_at_least(step, 0):
+        raise ValueError(f"Monitor.set_step(step={step!r}): must be an int >= 0 (the number of the step "
+                         "in progress)")
+
+
+def events_dropped_event(monitor: Any) -> Event:
+    """The one ``events_dropped`` event a closing Monitor emits when ``Monitor.events`` overflowed."""
+    n = monitor.events_dropped
+    return Event(monitor.run_id, monitor.step_count, "events_dropped", "", float(n),
+                 f"{n} events were dropped from Monitor.events (max_events={monitor._events.maxlen}); the "
+                 "sinks received all of them")
+
+
+def loss_block(loss: torch.Tensor | float) -> Block:
+    """The ``loss`` record of a step: a (1,) tensor, float32 unless the loss is float64 or a Python float
+    (which keeps its digits)."""
+    if isinstance(loss, torch.Tensor):
+        t = loss.detach().reshape(-1)[:1]
+        t = t if t.dtype == torch.float64 else t.float()
+    else:
+        t = torch.tensor([float(loss)], dtype=torch.float64)
+    return Block(LOSS, ("",), t, torch.ones_like(t))
+
+
+def parquet_history(sinks: Sequence[Sink], run_id: str) -> pd.DataFrame:
+    """Run ``run_id``'s records read back from the first Parquet sink (``Monitor(keep_history=False)``)."""
+    for s in sinks:
+        if isinstance(s, Parquet):
+            s.flush()
+            df = read_history(s.path)
+            return df[df["run_id"] == run_id].reset_index(drop=True)
+    raise RuntimeError("Monitor.history(): keep_history=False and no Parquet sink; nothing to read")
+
+
 def param_device(model: torch.nn.Module) -> torch.device:
     """Device of the model's first parameter (CPU for a model without parameters)."""
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def stack(blocks: Sequence[Block], model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every block's ``(num, weight)`` concatenated into two 1-D tensors on one device.
+
+    The device is the first block's that is not the CPU (CPU scalars such as the LR move to it, not
+    back), else the first block's (the model's without blocks); float64, float32 on MPS.
+    """
+    device = next((b.num.device for b in blocks if b.num.device.type != "cpu"),
+                  blocks[0].num.device if blocks else param_device(model))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    empty = [torch.zeros(0, device=device, dtype=dtype)]
+    num = torch.cat([b.num.to(device=device, dtype=dtype, non_blocking=True) for b in blocks] or empty)
+    w = torch.cat([b.weight.to(device=device, dtype=dtype, non_blocking=True) for b in blocks] or empty)
+    return num, w
 
 
 def to_host(t: torch.Tensor) -> np.ndarray:
@@ -108,6 +166,20 @@ class EagerStance:
 
 
 EAGER = EagerStance()
+
+
+def force_eager(monitor: Any, on: bool) -> None:
+    """Make compiled code run eagerly while ``monitor``'s probes are armed (``eager_logged_steps``).
+
+    Called inside a compiled region the stance cannot switch: one warning, and ``eager_logged_steps``
+    is turned off for that Monitor.
+    """
+    try:
+        EAGER.hold(monitor) if on else EAGER.release(id(monitor))
+    except RuntimeError as e:  # Monitor.step called inside a compiled region
+        monitor.eager_logged_steps = False
+        warnings.warn(f"stabilitylab: cannot switch torch.compile to eager on logged steps ({e}); call "
+                      "Monitor.step outside compiled code, or pass eager_logged_steps=False", stacklevel=3)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

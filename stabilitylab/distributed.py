@@ -322,6 +322,32 @@ def name_ranks(events: Sequence[Event], counts: np.ndarray, losses: np.ndarray,
         e.message = f"{e.message} (ranks {e.extra['ranks']})"
 
 
+def setup(model: torch.nn.Module, run_id: str | None, rank_zero_only: bool) -> tuple[str, Reducer | None, bool]:
+    """A Monitor's multi-rank set-up: refuses unsupported parallelism (``check_supported``), then
+    returns ``(run_id, reducer, writes)``.
+
+    ``run_id`` is the given one or a random id, rank 0's on every rank (``<run_id>-rank<r>`` when
+    ``rank_zero_only`` is False); ``reducer`` is None in one process; ``writes`` says whether this rank
+    writes to the sinks (every rank, or only rank 0 with ``rank_zero_only``).
+    """
+    check_supported(model)
+    rank, world = rank_and_world()
+    if world == 1:
+        return run_id or uuid.uuid4().hex[:8], None, True
+    run_id = broadcast_run_id(run_id)
+    if not rank_zero_only:
+        run_id = f"{run_id}-rank{rank}"
+    return run_id, Reducer(), not (rank_zero_only and rank != 0)
+
+
+def blame_ranks(events: Sequence[Event], per_rank: np.ndarray, probes: Sequence) -> None:
+    """``name_ranks`` on a logged step's events, given ``per_rank`` (``(2, world)``: each rank's local
+    non-finite count and loss; no columns in one process) and the first probe ``loss_level()`` set."""
+    if events and per_rank.shape[1]:
+        level = next((lv for p in probes if (lv := p.loss_level()) is not None), None)
+        name_ranks(events, per_rank[0], per_rank[1], level)
+
+
 def broadcast_run_id(run_id: str | None) -> str:
     """Rank 0's run id on every rank (a random default would otherwise differ per rank)."""
     box = [run_id or uuid.uuid4().hex[:8]]
@@ -331,16 +357,17 @@ def broadcast_run_id(run_id: str | None) -> str:
 
 def reduce_step(reducer: Reducer | None, probes: Sequence, codes: np.ndarray, num: torch.Tensor, w: torch.Tensor,
                 keys: list[tuple[str, str]], loss: torch.Tensor | None, step: int, run_id: str):
-    """Combine one logged step's partials over the data-parallel ranks (``Reducer.round``).
+    """Combine one logged step's partials over the data-parallel ranks (``Reducer.round``), stacked for the
+    Monitor's one device -> host transfer.
 
-    Identity without a reducer (one process) or after a failed round. Returns ``(codes, num, w, keys,
-    per_rank, failure)``: the rows in the layout the ranks agreed on (rows no rank had get weight -1),
-    ``per_rank`` (``(2, world)``: each rank's local non-finite count and loss, or None) and, when the
-    round fails (a dead or timed-out peer), a ``collective_failed`` Event (else None); this rank then logs
-    its local values from now on.
+    Identity without a reducer (one process) or after a failed round. Returns ``(codes, keys, both,
+    failure)``: the rows in the layout the ranks agreed on; ``both``, a ``(2, len(keys) + world)`` tensor:
+    the numerators and weights (rows no rank had get weight -1), then each rank's local non-finite count
+    and loss (no such columns in one process or after a failure); and, when the round fails (a dead or
+    timed-out peer), a ``collective_failed`` Event (else None): this rank then logs its local values.
     """
     if reducer is None or reducer.failed:
-        return codes, num, w, keys, None, None
+        return codes, keys, torch.stack([num, w]), None
     faults = sum(1 << i for i, p in enumerate(probes) if p.faults)
     try:
         keys, codes, num, w, per_rank = reducer.round(keys, codes, num, w, loss, step, faults)
@@ -348,8 +375,9 @@ def reduce_step(reducer: Reducer | None, probes: Sequence, codes: np.ndarray, nu
         reducer.failed = f"{type(e).__name__}: {e}"
         warnings.warn(f"stabilitylab: cross-rank reduction failed on step {step} ({reducer.failed}); this rank "
                       "logs its local values from now on", stacklevel=4)
-        return codes, num, w, keys, None, Event(run_id, step, "collective_failed", "", message=reducer.failed)
-    return codes, num, w, keys, per_rank, None
+        return codes, keys, torch.stack([num, w]), Event(run_id, step, "collective_failed", "",
+                                                         message=reducer.failed)
+    return codes, keys, torch.cat([torch.stack([num, w]), per_rank], dim=1), None
 
 
 def fault_events(reducer: Reducer | None, probes: Sequence, run_id: str, step: int) -> list[Event]:

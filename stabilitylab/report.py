@@ -2,6 +2,10 @@
 
     from stabilitylab.report import write_report
     html, md = write_report("runs/demo")          # runs/demo/report/report.html, report.md, *.png
+
+This module is the one HTML + markdown renderer: ``write_page(out, title, parts)`` renders a list of
+``Heading`` / ``Paragraph`` / ``Bullets`` / ``Table`` / ``FigureFile`` parts to ``report.html`` and
+``report.md``; ``format_cells`` and ``markdown_table`` format single tables the same way.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import base64
 import html
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +102,120 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Heading:
+    """A section heading, ``<h{level}>`` / ``#`` x ``level``."""
+
+    text: str
+    level: int = 2
+
+
+@dataclass
+class Paragraph:
+    """A paragraph of plain text."""
+
+    text: str
+
+
+@dataclass
+class Bullets:
+    """A bulleted list; ``css_class`` styles it in HTML (``"findings"``: the highlighted findings box)."""
+
+    lines: Sequence[str]
+    css_class: str = ""
+
+
+@dataclass
+class Table:
+    """A table under a ``level`` heading ``caption``; longer than ``collapse_rows`` rows it is a collapsed
+    ``<details>`` in HTML. ``anchor`` is the HTML id; cells are formatted by ``format_cells``."""
+
+    df: pd.DataFrame
+    caption: str
+    anchor: str = ""
+    level: int = 3
+    collapse_rows: int | None = None
+
+
+@dataclass
+class FigureFile:
+    """A figure saved as a PNG: embedded as base64 in HTML, linked by file name in markdown."""
+
+    png: Path
+    caption: str
+    anchor: str = ""
+
+
+Part = Heading | Paragraph | Bullets | Table | FigureFile
+
+STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em;line-height:1.4}"
+         "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{padding:2px 6px;"
+         "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}"
+         "ul.findings{background:#f6f8fa;border-left:4px solid #d9480f;padding:.8em 1em .8em 2em}"
+         "ul.findings li{margin:.3em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#444}"
+         "details{margin:.6em 0}summary{cursor:pointer;font-weight:bold}")
+
+
+def render(title: str, parts: Sequence[Part]) -> tuple[str, str]:
+    """``(html, markdown)`` of a page: the ``title`` heading, then ``parts`` in order.
+
+    The HTML is self-contained (inline style, figures as base64 PNG); the markdown links each figure by
+    its file name (next to the ``.md`` file) and writes ``(no rows)`` for an empty table.
+    """
+    esc = html.escape
+    md, body = [f"# {title}", ""], [f"<h1>{esc(title)}</h1>"]
+    for p in parts:
+        if isinstance(p, Heading):
+            md += [f"{'#' * p.level} {p.text}", ""]
+            body.append(f"<h{p.level}>{esc(p.text)}</h{p.level}>")
+        elif isinstance(p, Paragraph):
+            md += [p.text, ""]
+            body.append(f"<p>{esc(p.text)}</p>")
+        elif isinstance(p, Bullets):
+            md += [*(f"- {line}" for line in p.lines), ""]
+            cls = f" class='{p.css_class}'" if p.css_class else ""
+            body.append(f"<ul{cls}>" + "".join(f"<li>{esc(line)}</li>" for line in p.lines) + "</ul>")
+        elif isinstance(p, Table):
+            md += [f"{'#' * p.level} {p.caption}", "", markdown_table(p.df) if len(p.df) else "(no rows)", ""]
+            table = format_cells(p.df).to_html(index=False, border=0, na_rep="-")
+            anchor = f' id="{p.anchor}"' if p.anchor else ""
+            if p.collapse_rows is not None and len(p.df) > p.collapse_rows:
+                body.append(f"<details{anchor}><summary>{esc(p.caption)} ({len(p.df)} rows)</summary>{table}"
+                            "</details>")
+            else:
+                body += [f"<h{p.level}{anchor}>{esc(p.caption)}</h{p.level}>", table]
+        elif isinstance(p, FigureFile):
+            b64 = base64.b64encode(Path(p.png).read_bytes()).decode("ascii")
+            anchor = f' id="{p.anchor}"' if p.anchor else ""
+            body.append(f'<figure{anchor}><img alt="{esc(p.caption)}" src="data:image/png;base64,{b64}"/>'
+                        f"<figcaption>{esc(p.caption)}</figcaption></figure>")
+            md += [f"![{p.caption}]({Path(p.png).name})", ""]
+        else:
+            raise TypeError(f"render(parts=...): {p!r} is not a Heading, Paragraph, Bullets, Table or FigureFile")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    return page, "\n".join(md) + "\n"
+
+
+def write_page(out: str | Path, title: str, parts: Sequence[Part], stem: str = "report") -> tuple[Path, Path]:
+    """Render ``parts`` (``render``) to ``<out>/<stem>.html`` and ``<out>/<stem>.md``.
+
+    Args:
+        out: an existing folder (the PNGs of the ``FigureFile`` parts belong in it, for the markdown links).
+        title: the page title and first heading.
+        parts: the page's content, in order.
+        stem: the file names without extension.
+
+    Returns:
+        ``(html_path, markdown_path)``.
+    """
+    page, md = render(title, parts)
+    html_path, md_path = Path(out) / f"{stem}.html", Path(out) / f"{stem}.md"
+    html_path.write_text(page, encoding="utf-8")
+    md_path.write_text(md, encoding="utf-8")
+    return html_path, md_path
+
+
 def _figures(runs: pd.DataFrame, history: pd.DataFrame, tables: dict) -> dict[str, object]:
     """name -> Figure for every figure the data supports."""
     from stabilitylab import plots
@@ -171,50 +291,17 @@ def write_report(path: str | Path, out: str | Path | None = None, holdout: str |
     title = f"stabilitylab report: {Path(path).resolve().name}"
     intro = (f"{len(runs)} runs, {runs['size'].nunique()} sizes, {runs['variant'].nunique()} variants, "
              f"{int(runs['diverged'].sum())} diverged.")
-    md = [f"# {title}", "", intro, "", "## Findings", "", diag.text(), ""]
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>", "<h2>Findings</h2>",
-            "<ul class='findings'>" + "".join(f"<li>{html.escape(line)}</li>" for line in diag.lines) + "</ul>"]
     key = [n for n in KEY_FIGURES if n in figs]
     rest = [n for n in figs if n not in key]
 
-    def figure(name: str) -> None:
+    def figure(name: str) -> FigureFile:
         png = Path(plots.save(figs[name], out / f"{name}.png", dpi=100))
-        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
-        caption = FIGURE_TITLES.get(name, name)
-        body.append(f'<figure id="fig-{name}"><img alt="{html.escape(caption)}" src="data:image/png;base64,{b64}"/>'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-        md.extend([f"![{caption}]({name}.png)", ""])
+        return FigureFile(png, FIGURE_TITLES.get(name, name), anchor=f"fig-{name}")
 
-    md.append("## Key figures\n")
-    body.append("<h2>Key figures</h2>")
-    for name in key:
-        figure(name)
-    md.append("## Tables\n")
-    body.append("<h2>Tables</h2>")
-    for name, df in tables.items():
-        df = _labelled(df, labels)
-        caption = TABLE_TITLES.get(name, name)
-        md += [f"### {caption}", "", markdown_table(df), ""]
-        table = format_cells(df).to_html(index=False, border=0, na_rep="-")
-        if len(df) > COLLAPSE_ROWS:
-            body.append(f'<details id="table-{name}"><summary>{html.escape(caption)} ({len(df)} rows)</summary>'
-                        f"{table}</details>")
-        else:
-            body += [f'<h3 id="table-{name}">{html.escape(caption)}</h3>', table]
+    parts: list[Part] = [Paragraph(intro), Heading("Findings"), Bullets(diag.lines, "findings"),
+                         Heading("Key figures"), *(figure(n) for n in key), Heading("Tables")]
+    parts += [Table(_labelled(df, labels), TABLE_TITLES.get(name, name), anchor=f"table-{name}",
+                    collapse_rows=COLLAPSE_ROWS) for name, df in tables.items()]
     if rest:
-        md.append("## More figures\n")
-        body.append("<h2>More figures</h2>")
-        for name in rest:
-            figure(name)
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em;line-height:1.4}"
-             "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{padding:2px 6px;"
-             "border-bottom:1px solid #ddd;text-align:left}img{max-width:100%}"
-             "ul.findings{background:#f6f8fa;border-left:4px solid #d9480f;padding:.8em 1em .8em 2em}"
-             "ul.findings li{margin:.3em 0}figure{margin:1em 0}figcaption{font-size:13px;color:#444}"
-             "details{margin:.6em 0}summary{cursor:pointer;font-weight:bold}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
-    html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(page, encoding="utf-8")
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
-    return html_path, md_path
+        parts += [Heading("More figures"), *(figure(n) for n in rest)]
+    return write_page(out, title, parts)

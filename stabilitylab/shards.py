@@ -12,7 +12,7 @@ import math
 import torch
 import torch.distributed as dist
 
-__all__ = ["active", "is_dtensor", "local", "rank_and_world", "replication"]
+__all__ = ["active", "is_dtensor", "local", "local_activation", "rank_and_world", "replication"]
 
 
 def active() -> bool:
@@ -65,3 +65,19 @@ def local(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
         t = t.redistribute(t.device_mesh, [Replicate() if pl.is_partial() else pl for pl in t.placements])
     return t.to_local(), replication(t)
+
+
+def local_activation(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``(local data, whole_tokens)`` of an activation ``x`` (``(..., D)``) for per-module statistics.
+
+    A DTensor output (a sequence-parallel norm's, a tensor-parallel linear's with
+    ``use_local_output=False``) is read through its local shard (:func:`local`), whose sums the Monitor
+    adds over ranks: a statistic taken on the DTensor itself would reduce over the ranks once there and
+    again in the Monitor. ``whole_tokens`` is False when the feature dim is sharded: the per-token
+    statistics then need features this rank does not hold (sums of squares are still exact).
+    """
+    if not is_dtensor(x):
+        return x, True
+    last = x.ndim - 1
+    whole = not any(pl.is_shard() and pl.dim in (-1, last) for pl in x.placements)
+    return local(x)[0], whole

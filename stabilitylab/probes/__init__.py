@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
+import torch
+
 from stabilitylab.probes.activations import ActivationProbe
 from stabilitylab.probes.attention import AttentionProbe, UnsupportedModelError
 from stabilitylab.probes.base import Block, Event, Probe
@@ -64,5 +69,31 @@ def build_probes(spec, optimizer_given: bool) -> list[Probe]:
     return out
 
 
+def attach_probes(spec, model: torch.nn.Module, optimizer: Any, run_id: str) -> list[Probe]:
+    """``build_probes(spec)`` attached to ``model`` / ``optimizer``, all or none.
+
+    A probe whose ``attach`` raises detaches the ones attached before it and the error propagates (a
+    failed Monitor leaves no hooks behind); a probe with nothing to observe (``Probe.unused``) is
+    detached and dropped with one warning.
+    """
+    attached: list[Probe] = []
+    for p in build_probes(spec, optimizer is not None):
+        p.run_id = run_id
+        try:
+            p.attach(model, optimizer)
+        except Exception:
+            for q in attached:
+                q.detach()
+            raise
+        why = p.unused()
+        if why:
+            warnings.warn(f"stabilitylab: {why}", stacklevel=3)
+            p.detach()
+            continue
+        attached.append(p)
+    return attached
+
+
 __all__ = ["ActivationProbe", "AttentionProbe", "Block", "DEFAULT", "Event", "HealthProbe", "LogitsProbe",
-           "OptimizerProbe", "Probe", "REGISTRY", "UnsupportedModelError", "build_probes", "register_probe"]
+           "OptimizerProbe", "Probe", "REGISTRY", "UnsupportedModelError", "attach_probes", "build_probes",
+           "register_probe"]

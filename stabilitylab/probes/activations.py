@@ -88,19 +88,11 @@ class ActivationProbe(Probe):
     def observe(self, name: str, h: torch.Tensor) -> None:
         """Record the statistics of activation ``h`` (``(..., D)``) for module ``name``.
 
-        A DTensor output (a sequence-parallel norm's, a tensor-parallel linear's with
-        ``use_local_output=False``) is read through its local shard (``distributed.local``), whose sums the
-        Monitor adds over ranks: a statistic taken on the DTensor itself would reduce over the ranks once
-        here and again there. Outputs sharded on the feature dim record ``act.rms`` only (the per-token
-        statistics need every feature of a token).
+        A DTensor is read through its local shard (``shards.local_activation``); one sharded on the
+        feature dim records ``act.rms`` only (the per-token statistics need every feature of a token).
         """
-        x = h.detach()
-        stats = self.stats
-        if shards.is_dtensor(x):
-            last = x.ndim - 1
-            if any(pl.is_shard() and pl.dim in (-1, last) for pl in x.placements):
-                stats = tuple(s for s in stats if s == "rms")
-            x = shards.local(x)[0]
+        x, whole_tokens = shards.local_activation(h.detach())
+        stats = self.stats if whole_tokens else tuple(s for s in self.stats if s == "rms")
         x = x.float() if x.dtype not in (torch.float32, torch.float64) else x  # cast 16-bit input once
         tokens = float(x[..., 0].numel())
         if "rms" in stats:

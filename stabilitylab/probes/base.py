@@ -8,35 +8,30 @@ Subclasses implement ``_attach`` / ``_detach`` (register hooks with ``self._hook
 ``record`` / ``record_many`` while ``self.armed`` is True, and may implement ``on_host`` for
 statistics that need the host-side history (e.g. loss-spike z-scores).
 
-A probe never breaks training: every hook registered through ``self._hook`` (and any callable wrapped
-with ``self.guard``) turns an exception raised inside the probe into one warning and a ``probe_error``
-event (``self.faults``, emitted by the Monitor on the next logged step) instead of propagating into the
-user's forward or backward pass.
+A probe never breaks training: ``self._hook`` guards every hook it keeps, and ``self.guard(fn)`` any
+callable, so an exception inside the probe becomes one warning and a ``probe_error`` event instead of
+reaching the user's forward or backward pass (``probes._guard``).
 """
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from stabilitylab import metrics as M
 from stabilitylab.metrics import Block, Event
+from stabilitylab.probes._guard import FaultGuard
 
 __all__ = ["Block", "Event", "Probe"]  # Block and Event live in the record contract (metrics); re-exported
 
 
-def _as_tensor(x: Any, like: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.detach().reshape(-1)
-    device = like.device if like is not None else "cpu"
-    return torch.tensor([float(x)], device=device)
+def _as_tensor(x: Any) -> torch.Tensor:
+    """``x`` as a 1-D tensor (a Python number becomes a 1-element CPU tensor)."""
+    return x.detach().reshape(-1) if isinstance(x, torch.Tensor) else torch.tensor([float(x)])
 
 
-class Probe:
+class Probe(FaultGuard):
     """Base class of every probe. Attach and detach are idempotent.
 
     Attributes:
@@ -97,37 +92,6 @@ class Probe:
     def _detach(self) -> None:
         pass
 
-    def _hook(self, handle: Any) -> None:
-        """Keep ``handle`` for ``detach`` and guard the hook it registered (torch ``RemovableHandle``)."""
-        hooks = handle.hooks_dict_ref() if hasattr(handle, "hooks_dict_ref") else None
-        if hooks is not None and handle.id in hooks:
-            hooks[handle.id] = self.guard(hooks[handle.id])
-        self._handles.append(handle)
-
-    def guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` wrapped so that an exception inside it becomes ``self.fault(exc)`` and returns None."""
-        @functools.wraps(fn)
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - a probe must never break training
-                self.fault(e)
-                return None
-        return guarded
-
-    def fault(self, exc: BaseException) -> None:
-        """Record an exception raised inside this probe: one warning, one ``probe_error`` event."""
-        self.warn_once("fault", f"{type(exc).__name__}: {exc} (training continues; recorded as a "
-                                "'probe_error' event, further errors are recorded silently)")
-        if len(self.faults) < 100:  # drained every logged step; bounded if the hooks fail in between
-            self.faults.append(Event(self.run_id, -1, "probe_error", self.name,
-                                     message=f"{type(exc).__name__}: {exc}"))
-
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"stabilitylab {self.name} probe: {message}", stacklevel=3)
-
     # ----------------------------------------------------------------- recording
     def record_many(self, metric: str, modules: tuple[str, ...] | list[str], num: torch.Tensor,
                     weight: torch.Tensor | float = 1.0) -> None:
@@ -152,9 +116,7 @@ class Probe:
 
     def record(self, metric: str, module: str, num: Any, weight: Any = 1.0) -> None:
         """Record one partial (see ``record_many``)."""
-        t = _as_tensor(num)
-        w = _as_tensor(weight, t).to(t.dtype) if isinstance(weight, torch.Tensor) else float(weight)
-        self.record_many(metric, (module,), t, w)
+        self.record_many(metric, (module,), _as_tensor(num), weight)
 
     def record_value(self, metric: str, module: str, value: Any) -> None:
         """Record a finished value with weight 1 (squared for ``rms`` metrics so it round-trips)."""
@@ -179,18 +141,13 @@ class Probe:
         return [], []
 
     def unused(self) -> str | None:
-        """After ``attach``: why this probe has nothing to observe in the model, or None.
-
-        The Monitor warns once with the returned sentence and detaches the probe (e.g. an optional
-        attention probe on a model without attention it can find).
-        """
+        """After ``attach``: why this probe has nothing to observe in the model, or None (the Monitor then
+        warns once with that sentence and detaches it, e.g. an attention probe on a model without attention)."""
         return None
 
     def loss_level(self) -> float | None:
-        """The loss above which this probe flagged the last logged step (None: it flags no loss level).
-
-        Under data parallelism the Monitor names the ranks whose local loss exceeds it in the event.
-        """
+        """The loss above which this probe flagged the last logged step, or None (under data parallelism
+        the Monitor names the ranks whose local loss exceeds it)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 from stabilitylab.proxy import surgery  # noqa: F401 - registers the proxy's qk-layernorm / QK-clip surgery
 from stabilitylab.proxy.data import ByteData, load_corpus
-from stabilitylab.proxy.model import PRESETS, ProxyConfig, ProxyTransformer, preset
+from stabilitylab.proxy.model import ProxyConfig, ProxyTransformer
+from stabilitylab.proxy.presets import PRESETS, preset
 from stabilitylab.proxy.train import RunResult, TrainConfig, build_optimizer, evaluate, train_one
 
 __all__ = ["PRESETS", "ByteData", "ProxyConfig", "ProxyTransformer", "RunResult", "TrainConfig",

@@ -15,16 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stabilitylab._checks import int_at_least
 from stabilitylab.adapters.generic import record_qk
 from stabilitylab.mitigations.qk_layernorm import QKLayerNorm
 from stabilitylab.mitigations.softcap import softcap
 from stabilitylab.mitigations.z_loss import z_loss
-
-
-def _real(v: object) -> bool:
-    """A finite int/float that is not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+from stabilitylab.proxy._checks import check_proxy_config
 
 
 @dataclass(kw_only=True)
@@ -63,23 +58,7 @@ class ProxyConfig:
     """Use fused SDPA (True) or the hand-written attention (False); both compute the same function."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "head_dim", "mlp_ratio", "mup_base_width"):
-            v = getattr(self, name)
-            if not int_at_least(v, 1):
-                raise ValueError(f"ProxyConfig({name}={v!r}): must be a positive int")
-        if self.d_model % self.head_dim:
-            raise ValueError(f"ProxyConfig: d_model={self.d_model} is not a multiple of head_dim={self.head_dim}")
-        for name in ("tie_embeddings", "qk_layernorm", "mup", "use_sdpa"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ProxyConfig({name}={getattr(self, name)!r}): must be True or False")
-        if not _real(self.z_loss) or self.z_loss < 0:
-            raise ValueError(f"ProxyConfig(z_loss={self.z_loss!r}): must be a finite number >= 0")
-        if self.attn_scale not in ("sqrt", "linear"):
-            raise ValueError(f"ProxyConfig(attn_scale={self.attn_scale!r}): use 'sqrt' or 'linear'")
-        for name in ("logit_softcap", "attn_softcap"):
-            v = getattr(self, name)
-            if v is not None and (not _real(v) or v <= 0):
-                raise ValueError(f"ProxyConfig({name}={v!r}): must be a finite number > 0 or None")
+        check_proxy_config(self)
 
     @property
     def n_heads(self) -> int:
@@ -209,20 +188,9 @@ class ProxyTransformer(nn.Module):
         return logits, loss
 
 
-#: Named sizes: width and depth grow together (head_dim 64 from "m" up; smaller below).
-PRESETS: dict[str, dict] = {
-    "xxs": dict(d_model=32, n_layers=2, head_dim=16),
-    "xs": dict(d_model=64, n_layers=2, head_dim=32),
-    "s": dict(d_model=128, n_layers=3, head_dim=32),
-    "m": dict(d_model=256, n_layers=4, head_dim=64),
-    "l": dict(d_model=384, n_layers=6, head_dim=64),
-    "xl": dict(d_model=512, n_layers=8, head_dim=64),
-    "xxl": dict(d_model=768, n_layers=12, head_dim=64),
-}
+def __getattr__(name: str):  # PRESETS and preset moved to proxy.presets; old imports keep working
+    if name in ("PRESETS", "preset"):
+        from stabilitylab.proxy import presets
 
-
-def preset(name: str, **overrides) -> ProxyConfig:
-    """A ``ProxyConfig`` for a named size (see ``PRESETS``), with field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown proxy size {name!r}; presets: {', '.join(PRESETS)}")
-    return ProxyConfig(**{**PRESETS[name], **overrides})
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,7 +41,8 @@ import numpy as np
 
 from stabilitylab._checks import int_at_least
 from stabilitylab.mitigations.bundles import BUNDLES, bundle
-from stabilitylab.proxy.model import PRESETS, ProxyConfig
+from stabilitylab.proxy.model import ProxyConfig
+from stabilitylab.proxy.presets import PRESETS
 from stabilitylab.proxy.train import TrainConfig
 
 _PROXY_FIELDS = frozenset(f.name for f in fields(ProxyConfig))

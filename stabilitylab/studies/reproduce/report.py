@@ -1,9 +1,10 @@
-"""The reproduction's report: figures, ``report.html`` / ``report.md``, ``findings.*`` and ``tables/``."""
+"""The reproduction's report: figures, ``report.html`` / ``report.md``, ``findings.*`` and ``tables/``.
+
+The pages are rendered by ``stabilitylab.report`` (the one HTML + markdown renderer).
+"""
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +40,7 @@ def write_report(rep: Reproduction, scale: Scale, executor: str, device: str, fi
     Sets ``rep.figures``, ``rep.report_html`` and ``rep.report_md``.
     """
     from stabilitylab import plots
-    from stabilitylab.report import format_cells, markdown_table
+    from stabilitylab.report import FigureFile, Heading, Paragraph, Table, markdown_table, write_page
 
     out = rep.out
     (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -58,22 +59,6 @@ def write_report(rep: Reproduction, scale: Scale, executor: str, device: str, fi
              f"{', '.join(scale.small_studies) or 'none'}; executor {executor}; device {device}.")
     timing = pd.DataFrame([{"study": k, "wall_s": v, **rep.counts.get(k, {})} for k, v in rep.timings.items()])
     sections = [("Findings", rep.findings), ("Timing", timing), *rep.tables.items()]
-    md = [f"# {title}", "", setup, ""]
-    body = [f"<h1>{html.escape(title)}</h1><p>{html.escape(setup)}</p>"]
-    for name, df in sections:
-        md += [f"## {name}", "", markdown_table(df) if len(df) else "(no rows)", ""]
-        body += [f"<h2>{html.escape(name)}</h2>", format_cells(df).to_html(index=False, border=0)]
-    md.append("## Figures\n")
-    body.append("<h2>Figures</h2>")
-    for name, png in rep.figures.items():
-        b64 = base64.b64encode(png.read_bytes()).decode("ascii")
-        body.append(f'<h3>{html.escape(name)}</h3><img alt="{name}" src="data:image/png;base64,{b64}"/>')
-        md.append(f"![{name}]({png.name})")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;"
-             "font-size:12px}td,th{padding:2px 6px;border-bottom:1px solid #ddd}img{max-width:100%}")
-    rep.report_html, rep.report_md = out / "report.html", out / "report.md"
-    rep.report_html.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                               f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>",
-                               encoding="utf-8")
-    rep.report_md.write_text("\n".join(md) + "\n", encoding="utf-8")
-
+    parts = [Paragraph(setup), *(Table(df, name, level=2) for name, df in sections), Heading("Figures"),
+             *(FigureFile(png, name, anchor=f"fig-{name}") for name, png in rep.figures.items())]
+    rep.report_html, rep.report_md = write_page(out, title, parts)
