@@ -34,7 +34,9 @@ last ``window`` steps. Thresholds are calibrated (``calibrate``) as ``margin`` x
 runs that stayed stable (or spiked and recovered), per ``envelope``-step bin of training (and its two
 neighbours), so they follow the schedule the calibration runs share and the false-alarm rate is set by
 healthy runs, not by each run's own early noise. Window, persistence and
-burn-in are in *steps*, so the same settings apply at every logging interval.
+burn-in are in *steps*, so the same settings apply at every logging interval; the window is widened to span
+at least ``min_points`` logged steps (90 steps at ``every=10``), and thresholds are calibrated per logging
+interval (``Calibration.interval``; a detector given ``{interval: Calibration}`` takes the nearest one).
 
 Each warning carries a forecast: the leading series (the hot one with the largest ``s / threshold``), its
 metric and module, and the steps left to divergence ``(level_at_divergence[metric] - x_t) / g_t``
@@ -44,10 +46,13 @@ quantiles of (true steps left / estimate) on the calibration runs.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,16 +187,59 @@ class Calibration:
     """Steps-left estimate when the leading signal has no usable level at divergence."""
     source: str = ""
     """What it was calibrated on (benchmark version, runs)."""
+    interval: int = 1
+    """Logging interval (steps between logged steps) of the runs it was calibrated on: slopes over fewer
+    points are noisier, so thresholds hold for this interval."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"thresholds": dict(self.thresholds), "bin_steps": self.bin_steps,
                 "level_at_divergence": dict(self.level_at_divergence),
                 "ratio_lo": self.ratio_lo, "ratio_hi": self.ratio_hi, "fallback_lead": self.fallback_lead,
-                "source": self.source}
+                "source": self.source, "interval": self.interval}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
         return cls(**dict(d))
+
+
+#: What a detector can be given: one calibration, or one per logging interval (chosen at the second logged step).
+Calibrations = Calibration | Mapping[int, Calibration]
+
+
+def load_calibration(obj: Any, what: str = "calibration") -> Calibrations | None:
+    """A ``Calibration``, a mapping ``interval -> Calibration``, or None, from any of: those, a
+    ``Calibration.to_dict()`` dict, a ``{interval: dict}`` dict (``stabilitylab warnings evaluate
+    --calibration-out``), or the path of a JSON file holding either."""
+    if obj is None or isinstance(obj, Calibration):
+        return obj
+    if isinstance(obj, (str, os.PathLike)):
+        p = Path(obj)
+        if not p.is_file():
+            raise FileNotFoundError(f"{what}={str(p)!r}: no such file; write one with "
+                                    "`stabilitylab warnings evaluate STORE --calibration-out FILE`")
+        obj = json.loads(p.read_text())
+    if isinstance(obj, Mapping):
+        if "thresholds" in obj:
+            return Calibration.from_dict(obj)
+        if obj and all(type(k) is int and k >= 1 and isinstance(v, Calibration) for k, v in obj.items()):
+            return obj
+        try:
+            out = {int(k): v if isinstance(v, Calibration) else Calibration.from_dict(v) for k, v in obj.items()}
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what}: a dict must be one calibration (with 'thresholds') or map logging "
+                             f"intervals to calibrations; got keys {list(obj)[:5]} ({e})") from None
+        if not out or min(out) < 1:
+            raise ValueError(f"{what}: give at least one calibration, keyed by logging intervals >= 1")
+        return out
+    raise TypeError(f"{what}={obj!r}: pass None (the defaults), a Calibration, a dict or the path of a "
+                    "calibration JSON file")
+
+
+def pick_calibration(calibrations: Calibrations | None, interval: int) -> Calibration | None:
+    """The calibration for a logging interval: the one given, or the nearest interval (in log scale)."""
+    if calibrations is None or isinstance(calibrations, Calibration):
+        return calibrations
+    return calibrations[min(calibrations, key=lambda k: (abs(math.log(k / max(interval, 1))), k))]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +250,10 @@ class DetectorConfig:
     """metric -> transform (``log``, ``neglog``, ``identity``)."""
     window: int = 60
     """Steps in the slope fit; also the acceleration lag and how long a hot series counts."""
+    min_points: int = 9
+    """The window spans at least this many logged steps: ``max(window, min_points * interval)`` steps, with the
+    logging interval taken from the first two logged steps (at ``every=10``: 90 steps, so each half-window
+    slope still fits 4-5 points)."""
     persist: int = 0
     """Steps a series must stay above its threshold before it counts (0: from the first step above)."""
     burn_in: int = 60
@@ -227,7 +279,7 @@ class DetectorConfig:
         if bad or not self.watch:
             raise ValueError(f"DetectorConfig(watch={bad or dict(self.watch)}): give a non-empty metric -> "
                              f"transform mapping with transforms in {TRANSFORMS}")
-        for name, lo in (("window", 3), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
+        for name, lo in (("window", 3), ("min_points", 3), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
                          ("envelope", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -329,13 +381,21 @@ class RunawayDetector:
 
     Args:
         config: detector settings.
-        calibration: thresholds and forecast constants; None scores but never warns.
+        calibration: thresholds and forecast constants, or one per logging interval (the nearest to the
+            run's is taken at its second logged step); None scores but never warns.
     """
 
-    def __init__(self, config: DetectorConfig | None = None, calibration: Calibration | None = None):
+    def __init__(self, config: DetectorConfig | None = None, calibration: Calibrations | None = None):
         self.config = config or DetectorConfig()
-        self.calibration = calibration
+        self.calibrations = load_calibration(calibration, "RunawayDetector(calibration)")
         self.reset()
+
+    def _calibrate(self, calibration: Calibration | None) -> None:
+        self.calibration = cal = calibration
+        self._bin = cal.bin_steps if cal is not None else 0
+        self._thresholds = {} if cal is None else \
+            {m: [self.config.margin * float(v) for v in t] if isinstance(t, (list, tuple))
+             else self.config.margin * float(t) for m, t in cal.thresholds.items()}
 
     def reset(self) -> None:
         """Forget every series (a new run)."""
@@ -343,20 +403,34 @@ class RunawayDetector:
         self._recent: dict[tuple[str, str], _Slope] = {}
         self._above: dict[tuple[str, str], int] = {}
         self._hot_at: dict[tuple[str, str], int] = {}
-        cal = self.calibration
-        self._bin = cal.bin_steps if cal is not None else 0
-        self._thresholds = {} if cal is None else \
-            {m: [self.config.margin * float(v) for v in t] if isinstance(t, (list, tuple))
-             else self.config.margin * float(t) for m, t in cal.thresholds.items()}
+        self._calibrate(pick_calibration(self.calibrations, 1))
         self._first: int | None = None
+        self._fixed = False
+        self.window = self.config.window
+        """Slope window in steps (``DetectorConfig.min_points``)."""
         self._last_warning = -(10**12)
         self.warnings: list[WarningForecast] = []
         self.alarm_steps: list[int] = []
+
+    def _window(self, step: int) -> int:
+        """The window in steps (``DetectorConfig.min_points``), fixed at the second logged step."""
+        if self._first is None:
+            self._first = step
+        elif not self._fixed and step > self._first:
+            self._fixed = True
+            self.window = max(self.config.window, self.config.min_points * (step - self._first))
+            self._calibrate(pick_calibration(self.calibrations, step - self._first))
+            for fit in self._series.values():
+                fit.window = self.window
+            for fit in self._recent.values():
+                fit.window = max(self.window // 2, 2)
+        return self.window
 
     def score(self, step: int, values: Mapping[tuple[str, str], float]) -> Scored:
         """Update the slope fits with one logged step's raw values; returns the scored watched series."""
         out: Scored = []
         watch = self.config.watch
+        window = self._window(step)
         for key, raw in values.items():
             how = watch.get(key[0])
             if how is None:
@@ -366,12 +440,12 @@ class RunawayDetector:
                 continue
             fit = self._series.get(key)
             if fit is None:
-                fit = self._series[key] = _Slope(self.config.window)
+                fit = self._series[key] = _Slope(window)
             g = fit.add(step, x)
             old = fit.lagged(step, g)
             rec = self._recent.get(key)
             if rec is None:
-                rec = self._recent[key] = _Slope(max(self.config.window // 2, 2))
+                rec = self._recent[key] = _Slope(max(window // 2, 2))
             h = rec.add(step, x)
             h_old = rec.lagged(step, h)
             ok = g > 0 and old == old and g > self.config.accel * max(old, 0.0) and h >= g and h_old > 0
@@ -382,8 +456,7 @@ class RunawayDetector:
         """Hot series and warnings from one step's scores; ``alarm_steps`` gets every step with enough
         hot metrics (also inside the cooldown)."""
         cfg = self.config
-        if self._first is None:
-            self._first = step
+        window = self._window(step)
         if step - self._first < cfg.burn_in:
             return None
         thresholds = self._thresholds
@@ -403,7 +476,7 @@ class RunawayDetector:
         self._above = above
         if not hot:
             return None
-        recent = {k for k, at in self._hot_at.items() if step - at < cfg.window}
+        recent = {k for k, at in self._hot_at.items() if step - at < window}
         if len({k[0] for k in recent}) < cfg.min_metrics:
             return None
         self.alarm_steps.append(step)
@@ -445,7 +518,7 @@ def score_run(steps: Steps, config: DetectorConfig | None = None) -> list[tuple[
     return [(step, det.score(step, values)) for step, values in steps]
 
 
-def decide_run(scored: ScoredRun, config: DetectorConfig | None = None, calibration: Calibration | None = None,
+def decide_run(scored: ScoredRun, config: DetectorConfig | None = None, calibration: Calibrations | None = None,
                before: float = math.inf) -> RunawayDetector:
     """Replay ``decide`` over a scored run (steps ``< before``) on a fresh detector; returns the detector
     (its ``warnings`` and ``alarm_steps``)."""
@@ -473,7 +546,8 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
 
     Returns:
         the ``Calibration``: ``threshold[m]`` = the largest score of metric ``m`` after burn-in over all
-        negatives (metrics never seen on a negative get no threshold, so they never fire).
+        negatives (per bin with ``envelope``; a bin no negative scored in takes the largest over all bins;
+        metrics never seen, or never scored, on a negative get no finite threshold, so they never fire).
     """
     cfg = config or DetectorConfig()
     width = cfg.envelope
@@ -493,12 +567,17 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
                         bins.setdefault(b, 0.0)
     thr: dict[str, Any] = {}
     for metric, bins in peak.items():
-        if not width:
-            thr[metric] = max(bins[0], 1e-6)
+        overall = max(bins.values())
+        if overall <= 0:  # no negative ever scored it: no false-alarm rate can be set, so it never fires
+            thr[metric] = math.inf
             continue
-        top, start = max(bins), min(bins)
-        filled = [bins.get(b, 0.0) for b in range(top + 1)]
-        env = [max(max(filled[max(start, b - 1):b + 2]), 1e-6) for b in range(start, top + 1)]
+        if not width:
+            thr[metric] = overall
+            continue
+        last, start = max(bins), min(bins)
+        filled = [bins.get(b, 0.0) for b in range(last + 1)]
+        # a bin whose neighbourhood never scored on a negative takes the metric's largest score over all bins
+        env = [max(filled[max(start, b - 1):b + 2]) or overall for b in range(start, last + 1)]
         thr[metric] = [env[0]] * start + env  # bins before the burn-in take the first calibrated value
     levels: dict[str, list[float]] = {}
     for run, dstep in positives:
@@ -512,8 +591,10 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
                     top[metric] = (step, x if old is None or step > old[0] else max(x, old[1]))
         for m, (_, x) in top.items():
             levels.setdefault(m, []).append(x)
+    gaps = [run[1][0] - run[0][0] for run in [*negatives, *(r for r, _ in positives)] if len(run) > 1]
     cal = Calibration(thresholds=thr, bin_steps=width,
-                      level_at_divergence={m: float(np.median(v)) for m, v in levels.items()}, source=source)
+                      level_at_divergence={m: float(np.median(v)) for m, v in levels.items()}, source=source,
+                      interval=int(np.median(gaps)) if gaps else 1)
     ratios, leads = [], []
     for run, dstep in positives:
         ws = decide_run(run, cfg, cal, before=dstep).warnings
@@ -526,20 +607,39 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
                    fallback_lead=max(float(np.median(leads)) if leads else 100.0, 1.0))
 
 
-#: Calibration shipped as the default: ``stabilitylab warnings evaluate`` on the quick benchmark (v1,
-#: every=1, all runs); regenerate with ``--calibration-out`` and paste, or pass your own to ``EarlyWarning``.
-DEFAULT_CALIBRATION = Calibration(
-    thresholds={
-        "attn.max_logit": [4.344, 4.344, 4.344, 3.705, 3.543, 3.641, 4.309, 4.309, 4.309],
-        "attn.entropy": [1.118, 1.118, 1.74, 2.518, 3.403, 4.35, 4.567, 4.567, 4.567],
-        "logits.lse_mean": [1.629, 1.629, 1.629, 1.629, 0.7379, 0.7379, 0.7379, 0.6269, 0.6269],
-        "logits.max": [0.7212, 0.7212, 0.7212, 0.2891, 0.2891, 0.2207, 0.2187, 0.3407, 0.3407],
-        "update.ratio": [3.93, 3.93, 3.93, 3.815, 2.279, 2.131, 2.39, 2.39, 2.39],
-        "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 0.8362, 0.9829, 1.444, 1.444, 1.444],
-        "loss": [0.02727, 0.02727, 0.09019, 0.4381, 0.4381, 0.4381, 0.2412, 0.2412, 0.2412],
-    },
-    bin_steps=50,
-    level_at_divergence={"attn.max_logit": 9.161, "attn.entropy": 5.501, "logits.lse_mean": 5.092, "logits.max": 1.651, "update.ratio": -1.663, "grad.global_norm": 0.0789, "loss": 1.204},
-    ratio_lo=0.4228, ratio_hi=11.94, fallback_lead=94,
-    source="warnings benchmark v1, 54 runs, every=1 (window 60, burn-in 60, envelope 50, sustained-growth score min(g, older-half "
-           "slope / 0.75); tiny proxies and a tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)")
+#: Calibrations shipped as the defaults: ``stabilitylab warnings evaluate --calibration-out`` on the quick
+#: benchmark (v2, all runs), one per logging interval; regenerate and paste, or pass your own to ``EarlyWarning``.
+DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
+    1: Calibration(
+        thresholds={
+            "attn.max_logit": [4.344, 4.344, 4.344, 3.705, 3.915, 4.146, 4.146],
+            "attn.entropy": [1.588, 1.588, 1.74, 2.518, 3.403, 4.35, 4.35],
+            "logits.lse_mean": [1.629, 1.629, 1.629, 1.629, 0.7379, 0.7379, 0.7379],
+            "logits.max": [0.7212, 0.7212, 0.7212, 0.2891, 0.2891, 0.2347, 0.2347],
+            "update.ratio": [4.776, 4.776, 4.776, 3.815, 2.279, 2.263, 2.263],
+            "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 0.8362, 1.238, 1.238],
+            "loss": [0.02727, 0.02727, 0.132, 0.4381, 0.4381, 0.4381, 0.1384],
+        },
+        bin_steps=50, interval=1,
+        level_at_divergence={"attn.max_logit": 9.336, "attn.entropy": 5.529, "logits.lse_mean": 4.973, "logits.max": 1.712, "update.ratio": -1.671, "grad.global_norm": -0.05104, "loss": 1.199},
+        ratio_lo=0.514, ratio_hi=5.377, fallback_lead=125,
+        source="warnings benchmark v2, 72 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
+               "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
+    10: Calibration(
+        thresholds={
+            "attn.max_logit": [2.138, 2.138, 2.138, 2.138, 2.297, 3.384, 3.384],
+            "attn.entropy": [1.274, 1.274, 1.274, 1.782, 2.941, 3.714, 3.714],
+            "logits.lse_mean": [1.492, 1.492, 1.492, 1.492, 0.4674, 0.4674, 0.4566],
+            "logits.max": [0.1896, 0.1896, 0.1896, 0.1896, 0.1896, 0.1896, 0.1737],
+            "update.ratio": [3.184, 3.184, 3.184, 3.184, 2.234, 1.526, 1.526],
+            "grad.global_norm": [0.2823, 0.2823, 0.474, 0.5743, 0.7652, 1.317, 1.317],
+            "loss": [0.3092, 0.3092, 0.3092, 0.3092, 0.3092, 0.3092, 0.2607],
+        },
+        bin_steps=50, interval=10,
+        level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.412, "logits.lse_mean": 5.067, "logits.max": 1.784, "update.ratio": -1.67, "grad.global_norm": 0.1985, "loss": 1.137},
+        ratio_lo=0.4844, ratio_hi=4.047, fallback_lead=109.5,
+        source="warnings benchmark v2, 72 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
+               "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
+}
+#: The ``every=1`` default (kept for code that reads one calibration).
+DEFAULT_CALIBRATION = DEFAULT_CALIBRATIONS[1]

@@ -389,5 +389,5 @@ def warning_timelines(history: pd.DataFrame, per_run: pd.DataFrame, watch: dict[
         ax.set_title(title, fontsize=7)
         ax.tick_params(labelsize=6)
     fig.suptitle("diverged runs: leading signal, warning (orange), forecast band, divergence (red)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # keep the suptitle clear of the top row
     return fig

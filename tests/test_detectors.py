@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -268,3 +270,145 @@ def test_runaway_growth_is_scored_as_the_slope_sustained_over_both_halves_of_the
                 assert score == pytest.approx(100 * min(full, older / cfg.sustain), rel=1e-6)
                 checked += 1
     assert checked >= 10
+
+
+def _ref_slope(steps, x, lo, hi):
+    """float64 least-squares slope of the points with lo < step <= hi (NaN with fewer than 2)."""
+    sel = (steps > lo) & (steps <= hi)
+    return np.polyfit(steps[sel], x[sel], 1)[0] if sel.sum() >= 2 else math.nan
+
+
+def test_min_points_widens_the_window_at_coarse_logging_and_scores_match_polyfit():
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, window=60)
+    assert cfg.min_points == 9
+    for every, want in ((1, 60), (3, 60), (7, 63), (10, 90)):
+        det = D.RunawayDetector(cfg)
+        det.score(0, {("m", ""): 1.0})
+        det.score(every, {("m", ""): 1.0})
+        assert det.window == want, every
+    det = D.RunawayDetector(replace(cfg, min_points=12))
+    det.score(5, {("m", ""): 1.0})
+    det.score(15, {("m", ""): 1.0})
+    assert det.window == 120
+    # every=10: g over the last 90 steps (9 points), h over the last 45, lags of 90 and 45 steps
+    rng = np.random.default_rng(7)
+    steps = np.arange(0, 800, 10)
+    lv = np.where(steps < 200, 0.0, 2e-5 * (steps - 200.0) ** 2) + rng.normal(0, 0.003, len(steps))
+    scored = D.score_run([(int(s), {("m", ""): math.exp(v)}) for s, v in zip(steps, lv)], cfg)
+    w, half = 90, 45
+    checked = positive = 0
+    for i, (step, row) in enumerate(scored):
+        (_, score, g, x), = row
+        assert x == pytest.approx(lv[i], rel=1e-12, abs=1e-15)
+        ref_g = _ref_slope(steps, lv, step - w, step)
+        if i >= 2:
+            assert g == pytest.approx(ref_g, rel=1e-6, abs=1e-12)
+        past = steps[steps <= step - w]
+        old = _ref_slope(steps, lv, past[-1] - w, past[-1]) if len(past) else math.nan
+        past_h = steps[steps <= step - half]
+        h_old = _ref_slope(steps, lv, past_h[-1] - half, past_h[-1]) if len(past_h) else math.nan
+        h = _ref_slope(steps, lv, step - half, step)
+        ok = ref_g > 0 and not math.isnan(old) and ref_g > cfg.accel * max(old, 0.0) and h >= ref_g and h_old > 0
+        want = 100 * min(ref_g, h_old / cfg.sustain) if ok else 0.0
+        assert score == pytest.approx(want, rel=1e-6, abs=1e-9), step
+        checked += 1
+        positive += want > 0
+    assert checked == len(steps) and positive >= 5
+
+
+def test_min_points_below_3_is_rejected_naming_it():
+    for bad in (2, 0, -1, 9.5, True):
+        with pytest.raises(ValueError, match="min_points"):
+            D.DetectorConfig(min_points=bad)
+    assert D.DetectorConfig(min_points=3).min_points == 3
+
+
+def test_calibration_interval_round_trips_and_calibrate_sets_it():
+    assert D.Calibration(thresholds={"m": 1.0}).interval == 1
+    cal = D.Calibration(thresholds={"m": [1.0, 2.5]}, bin_steps=50, level_at_divergence={"m": 3.0}, interval=10,
+                        source="x")
+    d = cal.to_dict()
+    assert d["interval"] == 10
+    assert D.Calibration.from_dict(d) == cal
+    assert D.Calibration.from_dict(json.loads(json.dumps(d))) == cal
+    for every in (1, 10):
+        assert _cal(every)[1].interval == every
+    # the median of the runs' first gaps
+    cfg = D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1)
+    runs = [D.score_run(_signal_run(300, e, seed=s), cfg) for s, e in enumerate((5, 10, 10))]
+    assert D.calibrate(runs, config=cfg).interval == 10
+
+
+def _two_cals():
+    a = D.Calibration(thresholds={"m": 1e6}, source="a", interval=1)
+    b = D.Calibration(thresholds={"m": 1e-3}, source="b", interval=10)
+    return a, b
+
+
+def test_load_calibration_accepts_every_form_and_rejects_bad_input(tmp_path):
+    a, b = _two_cals()
+    assert D.load_calibration(None) is None
+    assert D.load_calibration(a) is a
+    assert D.load_calibration(a.to_dict()) == a
+    got = D.load_calibration({"1": a.to_dict(), "10": b.to_dict()})
+    assert got == {1: a, 10: b} and all(type(k) is int for k in got)
+    same = D.load_calibration({1: a, 10: b})
+    assert same[1] is a and same[10] is b
+    one, many = tmp_path / "one.json", tmp_path / "many.json"
+    one.write_text(json.dumps(a.to_dict()))
+    many.write_text(json.dumps({"1": a.to_dict(), "10": b.to_dict()}))
+    assert D.load_calibration(one) == a and D.load_calibration(str(one)) == a
+    assert D.load_calibration(many) == {1: a, 10: b}
+    with pytest.raises(FileNotFoundError, match="calibration-out"):
+        D.load_calibration(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="calibration-out"):
+        D.load_calibration(tmp_path)  # a folder is no calibration file
+    for bad in ({"every": a.to_dict()}, {}, {"0": a.to_dict()}, {"1": {"bogus": 1}}):
+        with pytest.raises(ValueError, match="calibration"):
+            D.load_calibration(bad)
+    with pytest.raises(TypeError, match="calibration"):
+        D.load_calibration(3)
+
+
+def test_pick_calibration_takes_the_nearest_interval_in_log_scale():
+    a, b = _two_cals()
+    c = D.Calibration(thresholds={"m": 1.0}, source="c", interval=100)
+    assert D.pick_calibration(None, 10) is None and D.pick_calibration(a, 10) is a
+    cals = {1: a, 10: b}
+    assert [D.pick_calibration(cals, i).source for i in (1, 2, 3, 4, 10, 30, 1000)] == list("aaabbbb")
+    three = {1: a, 10: b, 100: c}
+    keys = np.array(sorted(three))
+    for i in range(1, 400):
+        want = keys[np.argmin(np.abs(np.log(keys) - np.log(i)))]
+        assert D.pick_calibration(three, i) is three[int(want)], i
+
+
+def _runaway_run(every, n=600, onset=150):
+    return [(s, {("m", ""): math.exp(2e-5 * max(s - onset, 0) ** 2)}) for s in range(0, n, every)]
+
+
+def test_detector_takes_the_thresholds_of_its_logging_interval():
+    a, b = _two_cals()
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1)
+    for every, cals, want, warns in ((10, {1: a, 10: b}, b, True), (10, {1: b, 10: a}, a, False),
+                                     (1, {1: a, 10: b}, a, False), (1, {1: b, 10: a}, b, True)):
+        run = _runaway_run(every)
+        det = D.RunawayDetector(cfg, cals)
+        det.update(*run[0])
+        det.update(*run[1])
+        assert det.calibration is want, (every, want.source)
+        for step, values in run[2:]:
+            det.update(step, values)
+        assert bool(det.warnings) is warns, (every, want.source)
+        assert [w.step for w in D.decide_run(D.score_run(run, cfg), cfg, cals).warnings] == \
+            [w.step for w in det.warnings]
+    # the run does grow faster than b allows: a single calibration b warns at every=10 as well
+    assert D.decide_run(D.score_run(_runaway_run(10), cfg), cfg, b).warnings
+
+
+def test_default_calibrations_are_keyed_by_logging_interval():
+    assert isinstance(D.DEFAULT_CALIBRATIONS, dict) and 1 in D.DEFAULT_CALIBRATIONS
+    assert D.DEFAULT_CALIBRATION is D.DEFAULT_CALIBRATIONS[1]
+    for every, cal in D.DEFAULT_CALIBRATIONS.items():
+        assert isinstance(cal, D.Calibration) and cal.interval == every
+        assert set(cal.thresholds) <= set(D.DEFAULT_WATCH)

@@ -9,7 +9,7 @@ ratio, loss; each per module) grows *and accelerates* in log space faster than i
 runs that stayed stable; the warning names the leading signal and module and forecasts the steps left to
 divergence with an interval (see ``stabilitylab.detectors`` for the formulas).
 
-The default calibration (``detectors.DEFAULT_CALIBRATION``) comes from the warnings benchmark
+The default calibrations (``detectors.DEFAULT_CALIBRATIONS``, for ``every=1`` and ``every=10``) come from the warnings benchmark
 (``stabilitylab warnings build --scale quick``: tiny proxies and a tiny GPT-2, LR ramps and step-ups);
 recalibrate on your own stable runs with ``stabilitylab warnings evaluate STORE --calibration-out cal.json``
 and ``EarlyWarning(calibration="cal.json")``.
@@ -25,7 +25,7 @@ import json
 import random
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,30 +44,14 @@ from stabilitylab.probes.base import Probe
 __all__ = ["EarlyWarning"]
 
 
-def _calibration(calibration) -> D.Calibration:
-    if calibration is None:
-        return D.DEFAULT_CALIBRATION
-    if isinstance(calibration, D.Calibration):
-        return calibration
-    if isinstance(calibration, Mapping):
-        return D.Calibration.from_dict(calibration)
-    if isinstance(calibration, (str, Path)):
-        p = Path(calibration)
-        if not p.is_file():
-            raise FileNotFoundError(f"EarlyWarning(calibration={str(p)!r}): no such file; write one with "
-                                    "`stabilitylab warnings evaluate STORE --calibration-out FILE`")
-        return D.Calibration.from_dict(json.loads(p.read_text()))
-    raise TypeError(f"EarlyWarning(calibration={calibration!r}): pass None (the defaults), a Calibration, "
-                    "a dict or the path of a calibration JSON file")
-
-
 class EarlyWarning(Probe):
     """Online divergence early warning with a forecast, on the Monitor's logged values.
 
     Args:
         watch: metric -> transform (``"log"``, ``"neglog"``, ``"identity"``); default ``DEFAULT_WATCH``.
-        calibration: thresholds and forecast constants: None (``detectors.DEFAULT_CALIBRATION``), a
-            ``Calibration``, its dict, or the path of its JSON file.
+        calibration: thresholds and forecast constants: None (``detectors.DEFAULT_CALIBRATIONS``, one per
+            logging interval; the nearest to the Monitor's ``every`` is used), a ``Calibration``, a mapping
+            ``interval -> Calibration``, their dicts, or the path of a JSON file (``--calibration-out``).
         window: steps in each slope fit (and the acceleration lag).
         persist: steps a series must stay above its threshold before it counts.
         burn_in: steps from the first logged step before any warning.
@@ -78,6 +62,7 @@ class EarlyWarning(Probe):
         snapshot_dir: folder for flight-recorder snapshots (None: off).
         snapshot_steps: logged steps of history kept for a snapshot.
         max_snapshots: snapshots written per run at most.
+        min_points: the window spans at least this many logged steps (``window`` is widened at sparse logging).
     """
 
     name = "early_warning"
@@ -86,12 +71,13 @@ class EarlyWarning(Probe):
     def __init__(self, watch: dict[str, str] | None = None, calibration=None, window: int = 60, persist: int = 0,
                  burn_in: int = 60, min_metrics: int = 2, margin: float = 1.0, cooldown: int = 50,
                  callback: Callable[[Event], None] | None = None, snapshot_dir: str | Path | None = None,
-                 snapshot_steps: int = 50, max_snapshots: int = 1):
+                 snapshot_steps: int = 50, max_snapshots: int = 1, min_points: int = 9):
         super().__init__()
         self.config = D.DetectorConfig(watch=dict(DEFAULT_WATCH if watch is None else watch), window=window,
-                                       persist=persist, burn_in=burn_in, min_metrics=min_metrics, margin=margin,
+                                       min_points=min_points, persist=persist, burn_in=burn_in, min_metrics=min_metrics, margin=margin,
                                        cooldown=cooldown)
-        self.calibration = _calibration(calibration)
+        cal = D.load_calibration(calibration, "EarlyWarning(calibration)")
+        self.calibrations = D.DEFAULT_CALIBRATIONS if cal is None else cal
         for name, v in (("snapshot_steps", snapshot_steps), ("max_snapshots", max_snapshots)):
             if not int_at_least(v, 1 if name == "snapshot_steps" else 0):
                 raise ValueError(f"EarlyWarning({name}={v!r}): must be a positive int")
@@ -110,7 +96,7 @@ class EarlyWarning(Probe):
 
     def reset(self) -> None:
         """Forget all detector state (a new run)."""
-        self.detector = D.RunawayDetector(self.config, self.calibration)
+        self.detector = D.RunawayDetector(self.config, self.calibrations)
         self._batch = None
         self._snapshots = 0
         self._python_warned = False

@@ -8,8 +8,9 @@ under ``--out`` (``proxy/`` for the built-in proxy, ``hf_gpt2/`` for a Hugging F
 config and trained by ``train_hf_gpt2``, the sweeps' ``train_fn`` path for user models), then labels
 each run from its training loss alone (``stabilitylab.detectors.label_outcome``) and writes
 ``benchmark.json`` (version, scale, mechanisms, outcome definition, composition, wall time) and
-``outcomes.parquet``. Every mechanism has unstable configurations and a stable control with the same
-schedule; the Monitor records at ``every=1`` (probes ``attention``, ``logits``, ``optimizer``), so
+``outcomes.parquet``. Every mechanism has unstable configurations and two stable-by-design controls with
+the same schedule (a low LR and one nearer the edge; a control that diverges anyway is labelled diverged:
+labels come from the loss, never from the role); the Monitor records at ``every=1`` (probes ``attention``, ``logits``, ``optimizer``), so
 ``every=10`` is evaluated on the same histories subsampled to steps ``% 10 == 0`` (what a Monitor with
 ``every=10`` logs, since probes never change training).
 
@@ -29,7 +30,13 @@ Mechanisms (quick scale: a 2-layer proxy of width 32, byte-level text, 450 steps
 held-out seeds (calibrate on the lower seeds of every mechanism, test on the highest seed) and each
 mechanism held out in turn (calibrate on the others). The detector's settings (``margin``,
 ``min_metrics``, ``persist``) are picked from a small grid by leave-one-mechanism-out *inside* the calibration runs,
-so the tested runs never choose anything.
+so the tested runs never choose anything. The last ``CENSOR`` (100) steps of runs that did not diverge are
+neither judged nor used for thresholds (``horizon``). ``build --seeds`` trains the same definition on other
+seeds: the structural defaults (window, ``min_points``, ``sustain``, ``accel``, the grid) were chosen on such a
+development build (seeds 10-12), never on the reported seeds 0-2.
+
+Version 2 (this one) differs from v1 in its LRs (unstable runs diverge later, median step ~277, so leads of
+100+ steps are possible) and in the second control per mechanism (72 runs instead of 54).
 """
 
 from __future__ import annotations
@@ -50,14 +57,19 @@ from stabilitylab import detectors as D
 from stabilitylab import metrics as M
 from stabilitylab.analysis.early_warning import run_steps
 
-BENCHMARK_VERSION = "1"
+BENCHMARK_VERSION = "2"
 PROBES = ("attention", "logits", "optimizer")
 #: Outcome definition (``label_outcome`` arguments) used by build and evaluate.
 OUTCOME_DEFINITION: dict[str, float] = {"span": 20, "rise": 0.5, "recover": 0.25, "patience": 100}
 #: Grid the held-out evaluation chooses the detector's settings from (on calibration runs only).
 GRID: tuple[dict[str, Any], ...] = tuple({"margin": m, "min_metrics": k, "persist": p}
-                                        for m in (1.0, 1.25) for k in (1, 2) for p in (0, 5, 10))
+                                        for m in (1.0, 1.25, 1.5, 2.0) for k in (1, 2) for p in (0, 10))
 EVERIES = (1, 10)
+#: Issue-17 goals of the held-out table: metric -> (comparison, value).
+GOALS = {"warned_50_share": (">=", 0.8), "median_lead": (">=", 100), "stable_warned_share": ("<=", 0.05),
+         "fa_steps_stable": ("<=", 5e-4), "fa_steps_spiked": ("<=", 5e-4)}
+#: Steps at the end of a run that did not diverge that are not judged (``horizon``): the labels' patience.
+CENSOR = int(OUTCOME_DEFINITION["patience"])
 #: Threshold margins of the lead-time vs false-alarm curve (held-out seed split, first ``every``).
 TRADEOFF_MARGINS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
@@ -94,6 +106,9 @@ class Mechanism:
     """ProxyConfig / TrainConfig fields of every run of the mechanism (a sweep variant)."""
     trainer: str = "proxy"
     """``proxy`` (``train_one``) or ``hf_gpt2`` (``train_hf_gpt2``)."""
+    abrupt: bool = False
+    """Its divergences follow an abrupt change of the schedule (an LR spike or step-up, a block unfrozen) by
+    tens of steps, so a lead of 50 steps is at best partly possible; the others grow gradually (slow ramps)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,25 +128,25 @@ def _mechanisms(steps: int, hi: float = 1.0) -> tuple[Mechanism, ...]:
     r = ramp(steps)
     return (
         Mechanism(name="attn_logit_growth", doc="no qk-layernorm, slow LR ramp past the critical LR, clipping on",
-                  unstable_lrs=(1.0 * hi, 2.0 * hi), control_lrs=(0.15 * hi,),
+                  unstable_lrs=(0.7 * hi, 1.0 * hi), control_lrs=(0.15 * hi, 0.3 * hi),
                   overrides={"lr_schedule": r, "qk_layernorm": False}),
         Mechanism(name="logit_drift", doc="no z-loss, no weight decay, no clipping, slow LR ramp",
-                  unstable_lrs=(0.4 * hi, 0.8 * hi), control_lrs=(0.08 * hi,),
+                  unstable_lrs=(0.4 * hi, 0.6 * hi), control_lrs=(0.08 * hi, 0.2 * hi),
                   overrides={"lr_schedule": r, "weight_decay": 0.0, "clip": None, "z_loss": 0.0}),
         Mechanism(name="adam_stale", doc="beta2 0.999, block 1 frozen for the first third then unfrozen, "
                                          "no clipping, slow LR ramp",
-                  unstable_lrs=(0.4 * hi, 0.8 * hi), control_lrs=(0.08 * hi,),
+                  unstable_lrs=(0.3 * hi, 0.5 * hi), control_lrs=(0.08 * hi, 0.15 * hi),
                   overrides={"lr_schedule": r, "beta2": 0.999, "clip": None, "weight_decay": 0.0,
-                             "freeze_until": steps // 3, "freeze_prefix": "blocks.1"}),
+                             "freeze_until": steps // 3, "freeze_prefix": "blocks.1"}, abrupt=True),
         Mechanism(name="lr_stepup", doc="abrupt LR step-ups x2, x4, x8 after a stable phase",
-                  unstable_lrs=(0.04 * hi, 0.08 * hi), control_lrs=(0.008 * hi,),
-                  overrides={"lr_schedule": stepups(steps)}),
+                  unstable_lrs=(0.04 * hi, 0.08 * hi), control_lrs=(0.008 * hi, 0.02 * hi),
+                  overrides={"lr_schedule": stepups(steps)}, abrupt=True),
         Mechanism(name="lr_spike", doc="one abrupt LR spike (x18 for 10 steps) after a stable phase; runs "
                                        "recover from it or not",
-                  unstable_lrs=(0.01 * hi, 0.015 * hi), control_lrs=(0.002 * hi,),
-                  overrides={"lr_schedule": spike(steps)}),
+                  unstable_lrs=(0.01 * hi, 0.015 * hi), control_lrs=(0.002 * hi, 0.005 * hi),
+                  overrides={"lr_schedule": spike(steps)}, abrupt=True),
         Mechanism(name="hf_gpt2", doc="Hugging Face GPT-2 from a config, slow LR ramp, clipping on",
-                  unstable_lrs=(1.0 * hi, 2.0 * hi), control_lrs=(0.15 * hi,),
+                  unstable_lrs=(0.7 * hi, 1.0 * hi), control_lrs=(0.15 * hi, 0.3 * hi),
                   overrides={"lr_schedule": r}, trainer="hf_gpt2"),
     )
 
@@ -211,7 +226,8 @@ def benchmark_specs(scale: BenchScale, device: str = "cpu") -> list[tuple[Mechan
 
 
 def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = None, executor: str = "processes",
-          workers: int | None = 2, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+          workers: int | None = 2, device: str = "cpu", progress: bool = True,
+          seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Train (or resume) every run of the benchmark into sweep stores under ``out``, label them, and write
     ``benchmark.json`` and ``outcomes.parquet``; returns the metadata written.
 
@@ -223,6 +239,7 @@ def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = Non
         workers: worker processes / Ray tasks.
         device: torch device of the proxy runs.
         progress: tqdm bar over runs.
+        seeds: replace the scale's seeds (e.g. a development build on seeds no reported result uses).
     """
     from tqdm.auto import tqdm
 
@@ -230,9 +247,13 @@ def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = Non
     from stabilitylab.sweeps.run import trainer_name
     from stabilitylab.sweeps.store import FINISHED, SweepStore
 
-    sc = SCALES[scale] if isinstance(scale, str) else scale
     if isinstance(scale, str) and scale not in SCALES:
         raise ValueError(f"build(scale={scale!r}): choose from {list(SCALES)}")
+    sc = SCALES[scale] if isinstance(scale, str) else scale
+    if seeds is not None:
+        if not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds):
+            raise ValueError(f"build(seeds={seeds!r}): give one or more non-negative int seeds")
+        sc = replace(sc, seeds=tuple(seeds))
     if executor not in EXECUTORS or executor == "vectorized":
         raise ValueError(f"build(executor={executor!r}): use 'local', 'processes' or 'ray' (the benchmark's "
                          "schedules are not implemented by the vectorized trainer)")
@@ -327,18 +348,29 @@ def composition(outcomes: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def horizon(scored_run: D.ScoredRun, diverge_step: float = math.nan, censor: int = CENSOR) -> float:
+    """First step that is not judged: the divergence step of a diverged run; for any other run, ``CENSOR``
+    (``censor``) steps before its last logged step (whether a run diverges in the ``CENSOR`` steps after a step is known
+    only up to there: a run that ends while heading for divergence is labelled stable, and a warning
+    in its last steps can be neither confirmed nor refuted)."""
+    if math.isfinite(diverge_step):
+        return diverge_step
+    return scored_run[-1][0] - censor + 1 if scored_run else math.inf
+
+
 def _measure(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, cal: D.Calibration,
-             min_lead: int = 50) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+             min_lead: int = 50, censor: int = CENSOR) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Summary and per-run rows of the detector on runs ``ids``."""
     o = outcomes.set_index("run_id")
     rows = []
     for rid in ids:
         r = o.loc[rid]
         dstep = float(r["diverge_step"])
-        det = D.decide_run(scored[rid], cfg, cal, before=dstep if r["outcome"] == "diverged" else math.inf)
+        end = horizon(scored[rid], dstep if r["outcome"] == "diverged" else math.nan, censor)
+        det = D.decide_run(scored[rid], cfg, cal, before=end)
         w = det.warnings[0] if det.warnings else None
         lead = dstep - w.step if (w is not None and r["outcome"] == "diverged") else math.nan
-        logged = [s for s, _ in scored[rid] if s < dstep] if r["outcome"] == "diverged" else [s for s, _ in scored[rid]]
+        logged = [s for s, _ in scored[rid] if s < end]
         judged = sum(1 for s in logged if s - logged[0] >= cfg.burn_in) if logged else 0
         rows.append({"run_id": rid, "mechanism": r["mechanism"], "role": r["role"], "lr": r["lr"], "seed": r["seed"],
                      "outcome": r["outcome"], "diverge_step": dstep, "first_warning": w.step if w else math.nan,
@@ -375,24 +407,33 @@ def summarise(per_run: pd.DataFrame, min_lead: int = 50) -> dict[str, Any]:
 
 
 def _objective(s: dict[str, Any]) -> tuple:
-    fa = 0.0 if math.isnan(s["stable_warned_share"]) else s["stable_warned_share"]
-    rec = 0.0 if math.isnan(s["warned_50_share"]) else s["warned_50_share"]
-    lead = 0.0 if math.isnan(s["median_lead"]) else s["median_lead"]
-    return (rec - fa, lead)
+    """Sort key of a setting's inner result: Youden's J (share of divergences warned >= 50 steps ahead minus
+    share of stable runs warned), ties broken by the median lead."""
+    def val(k: str) -> float:
+        return 0.0 if math.isnan(s[k]) else float(s[k])
+
+    return (val("warned_50_share") - val("stable_warned_share"), val("median_lead"))
 
 
-def _calibrate(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, source: str) -> D.Calibration:
+def _calibrate(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, source: str,
+               censor: int = CENSOR) -> D.Calibration:
     o = outcomes.set_index("run_id")
-    neg = [scored[i] for i in ids if o.loc[i, "outcome"] != "diverged"]
+    neg = [[x for x in scored[i] if x[0] < horizon(scored[i], censor=censor)] for i in ids
+           if o.loc[i, "outcome"] != "diverged"]
+    if neg and not any(step - run[0][0] >= cfg.burn_in for run in neg if run for step, _ in run):
+        raise ValueError(f"no logged step of the {len(neg)} runs that did not diverge is judged: a run's last "
+                         f"{censor} steps (censor) and first {cfg.burn_in} (burn-in) are not, so runs need more than "
+                         f"{censor + cfg.burn_in} steps; train longer or pass a smaller censor")
     pos = [(scored[i], float(o.loc[i, "diverge_step"])) for i in ids if o.loc[i, "outcome"] == "diverged"]
     return D.calibrate(neg, pos, cfg, source=source)
 
 
 def choose_settings(ids: list[str], outcomes: pd.DataFrame, scored: dict, base: D.DetectorConfig,
-                    grid: tuple[dict[str, Any], ...] = GRID) -> tuple[D.DetectorConfig, list[dict[str, Any]]]:
+                    grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR
+                    ) -> tuple[D.DetectorConfig, list[dict[str, Any]]]:
     """Pick the grid setting with the best leave-one-mechanism-out result *within* ``ids``.
 
-    Objective: share of divergences warned >= 50 steps ahead minus share of stable runs warned (higher is
+    Objective (``_objective``, Youden's J): share of divergences warned >= 50 steps ahead minus share of stable runs warned (higher is
     better), ties broken by the median lead. Returns the chosen config and the inner results.
     """
     o = outcomes.set_index("run_id")
@@ -404,7 +445,8 @@ def choose_settings(ids: list[str], outcomes: pd.DataFrame, scored: dict, base: 
         for m in mechs:
             cal_ids = [i for i in ids if o.loc[i, "mechanism"] != m]
             test_ids = [i for i in ids if o.loc[i, "mechanism"] == m]
-            rows += _measure(test_ids, outcomes, scored, cfg, _calibrate(cal_ids, outcomes, scored, cfg, ""))[1]
+            cal = _calibrate(cal_ids, outcomes, scored, cfg, "", censor)
+            rows += _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)[1]
         results.append({**g, **summarise(pd.DataFrame(rows))})
     best = max(range(len(grid)), key=lambda i: _objective(results[i]))
     return replace(base, **grid[best]), results
@@ -422,14 +464,19 @@ def splits(outcomes: pd.DataFrame) -> list[tuple[str, list[str], list[str]]]:
 
 
 def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D.DetectorConfig | None = None,
-             grid: tuple[dict[str, Any], ...] = GRID) -> dict[str, Any]:
+             grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR) -> dict[str, Any]:
     """Measure the early warning on a benchmark folder or any sweep store (see the module docstring).
+
+    ``censor``: steps at the end of each run that did not diverge that are neither judged nor used for
+    thresholds (``horizon``).
 
     Returns:
         ``{"summary": DataFrame (one row per every x split, plus "all mechanisms held out" pooling each
-        mechanism's held-out result), "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
-        "tradeoff": DataFrame (the held-out-seed result per threshold margin), "calibration": the
-        calibration on every run at every=1 (what the shipped defaults are), "meta": {...}}``.
+        mechanism's held-out result, and on a benchmark folder the same pooled over the gradual and over the
+        abrupt-change mechanisms, ``Mechanism.abrupt``), "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
+        "tradeoff": DataFrame (the held-out-seed result per threshold margin), "calibrations": {every:
+        the calibration on every run at that logging interval} (what the shipped defaults are),
+        "calibration": the one at every=1 (else the smallest every), "meta": {...}}``.
     """
     base = base or D.DetectorConfig()
     runs, history = load_benchmark(path)
@@ -438,7 +485,8 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         raise ValueError(f"{str(path)!r}: no run has a logged loss; the benchmark needs Monitor histories")
     t0 = time.time()
     summary, per_run = [], []
-    full_cal, tradeoff = None, pd.DataFrame()
+    full_cal: dict[int, D.Calibration] = {}
+    tradeoff = pd.DataFrame()
     for every in everys:
         steps = run_steps(history, every)
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in set(outcomes["run_id"])}
@@ -446,9 +494,9 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         for name, cal_ids, test_ids in splits(outcomes):
             if not test_ids or not cal_ids:
                 continue
-            cfg = choose_settings(cal_ids, outcomes, scored, base, grid)[0] if grid else base
-            cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}")
-            s, rows = _measure(test_ids, outcomes, scored, cfg, cal)
+            cfg = choose_settings(cal_ids, outcomes, scored, base, grid, censor)[0] if grid else base
+            cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}", censor)
+            s, rows = _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)
             summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
                             "persist": cfg.persist, **s})
             for r in rows:
@@ -457,31 +505,37 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
             if name.startswith("held-out ") and name != "held-out seed":
                 held_rows += rows
         if held_rows:
-            summary.append({"every": every, "split": "all mechanisms held out", "margin": math.nan,
-                            "min_metrics": math.nan, "persist": math.nan, **summarise(pd.DataFrame(held_rows))})
+            pooled = [("all mechanisms held out", held_rows)]
+            kinds = {m.name: m.abrupt for sc in SCALES.values() for m in sc.mechanisms}
+            if all(r["mechanism"] in kinds for r in held_rows):
+                for kind, abrupt in (("gradual", False), ("abrupt-change", True)):
+                    rows = [r for r in held_rows if kinds[r["mechanism"]] == abrupt]
+                    if rows:
+                        pooled.append((f"{kind} mechanisms held out", rows))
+            for name, rows in pooled:
+                summary.append({"every": every, "split": name, "margin": math.nan, "min_metrics": math.nan,
+                                "persist": math.nan, **summarise(pd.DataFrame(rows))})
         name, cal_ids, test_ids = splits(outcomes)[0]
         if every == everys[0] and cal_ids and test_ids:
-            cal = _calibrate(cal_ids, outcomes, scored, base, name)
+            cal = _calibrate(cal_ids, outcomes, scored, base, name, censor)
             tradeoff = pd.DataFrame([{"every": every, "split": name, "margin": m,
-                                      **_measure(test_ids, outcomes, scored, replace(base, margin=m), cal)[0]}
+                                      **_measure(test_ids, outcomes, scored, replace(base, margin=m), cal,
+                                                 censor=censor)[0]}
                                      for m in TRADEOFF_MARGINS])
-        if every == 1 or full_cal is None:
-            ids = list(outcomes["run_id"])
-            full_cal = _calibrate(ids, outcomes, scored, base,
-                                  f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}")
+        ids = list(outcomes["run_id"])
+        full_cal[every] = _calibrate(ids, outcomes, scored, base,
+                                     f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}", censor)
     if not summary:
         raise ValueError(f"{str(path)!r}: nothing to hold out; evaluate needs runs of at least 2 seeds or 2 "
                          "variants (mechanisms), so that some runs calibrate and others are tested")
     return {"summary": pd.DataFrame(summary), "per_run": pd.DataFrame(per_run), "composition": composition(outcomes),
-            "calibration": full_cal, "outcomes": outcomes, "tradeoff": tradeoff,
+            "calibration": full_cal[min(full_cal, key=lambda e: (e != 1, e))], "calibrations": full_cal,
+            "outcomes": outcomes, "tradeoff": tradeoff,
             "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
                                                                          for k, v in asdict(base).items()},
-                     "grid": list(grid), "outcome_definition": OUTCOME_DEFINITION,
+                     "grid": list(grid), "outcome_definition": OUTCOME_DEFINITION, "censor": censor,
                      "evaluate_wall_s": round(time.time() - t0, 1)}}
 
-
-GOALS = {"warned_50_share": (">=", 0.8), "median_lead": (">=", 100), "stable_warned_share": ("<=", 0.05),
-         "fa_steps_stable": ("<=", 5e-4), "fa_steps_spiked": ("<=", 5e-4)}
 
 
 def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> str:
@@ -491,7 +545,8 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
     s = result["summary"].copy()
     lines = [f"# Early warning on the warnings benchmark v{BENCHMARK_VERSION}", ""]
     if build_meta:
-        lines += [f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']}` in "
+        seeds = " ".join(str(x) for x in build_meta["scale"].get("seeds", []))
+        lines += [f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']} --seeds {seeds}` in "
                   f"{build_meta['build_wall_s']} s wall ({build_meta['executor']}, {build_meta['workers']} workers, "
                   f"{build_meta['cpu_count']} cores; 1/5/15-min load average at the end "
                   f"{', '.join(f'{x:.1f}' for x in build_meta.get('load_avg_at_end') or [])}: "
@@ -500,7 +555,10 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
               "## Held-out results", "",
               "Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
               "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` / `persist` were "
-              "chosen on the calibration runs only (leave-one-mechanism-out inside them).", ""]
+              "chosen on the calibration runs only (leave-one-mechanism-out inside them, by Youden's J: warned >= 50 "
+              f"share minus stable-warned share). The last {result['meta'].get('censor', CENSOR)} steps of runs that did "
+              "not diverge are neither judged nor used for thresholds: whether a run diverges after them is unknown "
+              "(a run that ends while heading for divergence is labelled stable).", ""]
     for k, (op, v) in GOALS.items():
         s[f"{k}_ok"] = s[k].map(lambda x, op=op, v=v: "" if pd.isna(x) else ("yes" if (x >= v if op == ">=" else x <= v)
                                                                         else "no"))
@@ -519,9 +577,9 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
     cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
             "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
     lines += ["## Diverged runs, mechanism held out", "", markdown_table(d[cols]), ""]
-    cal = result["calibration"]
-    lines += ["## Calibration on every run (the shipped defaults)", "", "```json", json.dumps(cal.to_dict(), indent=1),
-              "```", ""]
+    for every, cal in result.get("calibrations", {1: result["calibration"]}).items():
+        lines += [f"## Calibration on every run at every={every} (the shipped defaults)", "", "```json",
+                  json.dumps(cal.to_dict(), indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -531,13 +589,14 @@ def _jsonable(result: dict[str, Any], build_meta: dict[str, Any] | None) -> dict
 
     return {"meta": result["meta"], "build": build_meta, "composition": recs(result["composition"]),
             "summary": recs(result["summary"]), "tradeoff": recs(result["tradeoff"]), "per_run": recs(result["per_run"]),
-            "calibration": result["calibration"].to_dict()}
+            "calibration": result["calibration"].to_dict(),
+            "calibrations": {str(e): c.to_dict() for e, c in result["calibrations"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _build_cmd(args: argparse.Namespace) -> int:
     meta = build(args.scale, out=args.out, executor=args.executor, workers=args.workers, device=args.device,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, seeds=tuple(args.seeds) if args.seeds else None)
     from stabilitylab.report import markdown_table as markdown_table
 
     print(markdown_table(pd.DataFrame(meta["composition"])))
@@ -549,7 +608,7 @@ def _build_cmd(args: argparse.Namespace) -> int:
 def _evaluate_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = evaluate(args.store, everys=tuple(args.every))
+        res = evaluate(args.store, everys=tuple(args.every), censor=args.censor)
     meta_file = Path(args.store) / "benchmark.json"
     build_meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     md = markdown(res, build_meta)
@@ -560,7 +619,8 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)
                 Path(p).write_text(text + "\n")
     if args.calibration_out:
-        Path(args.calibration_out).write_text(json.dumps(res["calibration"].to_dict(), indent=1) + "\n")
+        Path(args.calibration_out).write_text(json.dumps({str(e): c.to_dict() for e, c in res["calibrations"].items()},
+                                                         indent=1) + "\n")
     if args.report:
         from stabilitylab.studies.warnings_report import write_warnings_report
 
@@ -579,16 +639,21 @@ def add_parser(sub) -> None:
     b.add_argument("--executor", choices=["local", "processes", "ray"], default="processes")
     b.add_argument("--workers", type=int, default=2, help="worker processes / Ray tasks (default 2)")
     b.add_argument("--device", default="cpu", help="torch device of the runs")
+    b.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds to train instead of the scale's (e.g. a development build for choosing settings)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build_cmd)
     e = wsub.add_parser("evaluate", help="held-out lead time, false alarms and forecast coverage of the warning")
     e.add_argument("store", help="benchmark folder (from `warnings build`) or any sweep store with loss histories")
     e.add_argument("--every", type=int, nargs="+", default=list(EVERIES),
                    help="logging intervals to evaluate by subsampling the histories (default 1 10)")
+    e.add_argument("--censor", type=int, default=CENSOR,
+                   help=f"steps at the end of runs that did not diverge that are not judged (default {CENSOR}: "
+                        "the labels' patience)")
     e.add_argument("--json", default=None, help="also write the results as JSON here")
     e.add_argument("--md", default=None, help="also write the markdown here")
     e.add_argument("--calibration-out", default=None,
-                   help="write the calibration on every run (JSON) for EarlyWarning(calibration=...)")
+                   help="write the calibrations on every run, one per --every (JSON), for EarlyWarning(calibration=...)")
     e.add_argument("--report", default=None, help="write an HTML report with the figures to this folder")
     e.set_defaults(func=_evaluate_cmd)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

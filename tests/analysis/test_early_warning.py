@@ -158,3 +158,32 @@ def test_bad_arguments_name_the_argument(tmp_path):
         EarlyWarning(calibration=tmp_path / "missing.json")
     with pytest.raises(ValueError, match="no run stayed stable"):
         calibrate_warnings(pd.DataFrame({"run_id": ["d"]}), _history("d", 200, blow_at=100))
+
+
+def test_probe_defaults_to_the_shipped_calibrations_and_loads_a_mapping_file(tmp_path):
+    from stabilitylab import detectors as D
+
+    ew = EarlyWarning()
+    assert ew.calibrations is D.DEFAULT_CALIBRATIONS and ew.detector.calibrations is D.DEFAULT_CALIBRATIONS
+    watched = ("attn.max_logit", "grad.global_norm")
+    quiet = D.Calibration(thresholds={m: 1e6 for m in watched}, source="quiet", interval=1)
+    loud = D.Calibration(thresholds={m: 0.05 for m in watched}, source="loud", interval=10)
+    h = _history("d", 200, every=10, blow_at=100)
+    dstep = divergence_step(h[h.metric == "loss"].set_index("step")["value"])
+    h = h[h.step < dstep]
+    for name, mapping, warns in (("a.json", {"1": quiet.to_dict(), "10": loud.to_dict()}, True),
+                                 ("b.json", {"1": loud.to_dict(), "10": quiet.to_dict()}, False)):
+        p = tmp_path / name
+        p.write_text(json.dumps(mapping))
+        for path in (p, str(p)):
+            ew = EarlyWarning(calibration=path, watch={m: "log" for m in watched}, window=100)
+            assert ew.calibrations == {int(k): D.Calibration.from_dict(v) for k, v in mapping.items()}
+            events = ew.replay(h)
+            assert ew.detector.calibration == ew.calibrations[10]  # the history is logged every 10 steps
+            assert bool(events) is warns, name
+    with pytest.raises(FileNotFoundError, match="calibration-out"):
+        EarlyWarning(calibration=str(tmp_path / "nope" / "cal.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"every10": loud.to_dict()}))
+    with pytest.raises(ValueError, match="EarlyWarning\\(calibration\\)"):
+        EarlyWarning(calibration=bad)

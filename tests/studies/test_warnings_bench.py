@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -71,25 +72,32 @@ def test_build_writes_versioned_stores_and_labels_from_the_loss_alone(mini):
 
 def test_evaluate_reports_every_split_at_every_1_and_10(mini):
     out, _ = mini
-    res = W.evaluate(out, grid=W.GRID[:2])
+    with pytest.raises(ValueError, match="censor"):  # 100-step runs: nothing judged with the default censor
+        W.evaluate(out, everys=(1,), grid=())
+    res = W.evaluate(out, grid=W.GRID[:2], censor=20)
     s = res["summary"]
     assert set(s["every"]) == {1, 10}
     assert set(s["split"]) == {"held-out seed", "held-out attn_logit_growth", "held-out hf_gpt2",
-                               "all mechanisms held out"}
+                               "all mechanisms held out", "gradual mechanisms held out"}
     pr = res["per_run"]
     d = pr[pr["lead_steps"].notna()]
     assert (d["lead_steps"] == d["diverge_step"] - d["first_warning"]).all()
     assert (d["first_warning"] < d["diverge_step"]).all()
     ten = pr[(pr["every"] == 10) & pr["first_warning"].notna()]
     assert (ten["first_warning"] % 10 == 0).all()
+    # both mini mechanisms are gradual (slow ramps), so the gradual pool is the whole pool
+    assert not W.SCALES["quick"].mechanisms[0].abrupt and {m.name for m in W.SCALES["quick"].mechanisms if m.abrupt} \
+        == {"adam_stale", "lr_stepup", "lr_spike"}
+    grad = s[(s["split"] == "gradual mechanisms held out") & (s["every"] == 1)].iloc[0]
     pooled = s[(s["split"] == "all mechanisms held out") & (s["every"] == 1)].iloc[0]
+    assert grad.drop(["split"]).equals(pooled.drop(["split"]))
     held = pr[(pr["every"] == 1) & pr["split"].isin(["held-out attn_logit_growth", "held-out hf_gpt2"])]
     assert pooled["n_runs"] == len(held) == 8
     assert pooled["n_diverged"] == (held["outcome"] == "diverged").sum()
     assert set(res["tradeoff"]["margin"]) == set(W.TRADEOFF_MARGINS)
     assert res["calibration"].thresholds and "every=1" in res["calibration"].source
     # any single sweep store works too: here one mechanism, so only the held-out seed split exists
-    one = W.evaluate(out / "proxy", everys=(1,), grid=())
+    one = W.evaluate(out / "proxy", everys=(1,), grid=(), censor=20)
     assert set(one["summary"]["split"]) == {"held-out seed"}
 
 
@@ -102,12 +110,154 @@ def test_cli_help_and_evaluate_on_a_tiny_store(mini, tmp_path, capsys):
         main(["warnings", "build", "--help"])
     assert e.value.code == 0 and "--scale" in capsys.readouterr().out
     j, md, cal = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "cal.json"
-    assert main(["warnings", "evaluate", str(out), "--every", "1", "--json", str(j), "--md", str(md),
+    assert main(["warnings", "evaluate", str(out), "--every", "1", "--censor", "20", "--json", str(j), "--md", str(md),
                  "--calibration-out", str(cal), "--report", str(tmp_path / "rep")]) == 0
     printed = capsys.readouterr().out
     assert "Held-out results" in printed and md.read_text().strip() == printed.strip().split("\nreport: ")[0].strip()
     data = json.loads(j.read_text())
     assert {r["split"] for r in data["summary"]} >= {"held-out seed", "all mechanisms held out"}
-    assert D.Calibration.from_dict(json.loads(cal.read_text())).thresholds
+    assert D.load_calibration(cal)[1].thresholds
     assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "warning_timelines.png").exists()
     assert main(["warnings", "evaluate", str(tmp_path / "nope")]) == 2
+
+
+def _hand_run(n=400, hot=(), score=5.0, every=1):
+    """A scored run by hand: one series, score 0 except ``score`` on the steps in ``hot``."""
+    return [(s, [(("m", ""), score if s in hot else 0.0, 0.01, 1.0)]) for s in range(0, n, every)]
+
+
+def _hand_outcomes(rows):
+    return pd.DataFrame([{"run_id": rid, "mechanism": "m", "role": "", "lr": 0.1, "seed": 0, "outcome": out,
+                          "diverge_step": d} for rid, out, d in rows])
+
+
+def test_horizon_censors_the_last_patience_steps_of_runs_that_did_not_diverge():
+    assert W.CENSOR == W.OUTCOME_DEFINITION["patience"] == 100
+    assert W.horizon(_hand_run(400)) == 399 - 100 + 1
+    assert W.horizon(_hand_run(400), math.nan) == 300
+    assert W.horizon(_hand_run(450, every=10)) == 440 - 100 + 1
+    assert W.horizon(_hand_run(400), 250.0) == 250.0
+    assert W.horizon([]) == math.inf
+
+
+def test_measure_does_not_judge_the_censored_end_of_stable_runs():
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, burn_in=10, window=60)
+    cal = D.Calibration(thresholds={"m": 1.0})
+    scored = {"late": _hand_run(hot=range(320, 400)), "edge": _hand_run(hot={300}), "last": _hand_run(hot={299}),
+              "early": _hand_run(hot=range(200, 210)), "div": _hand_run(hot=range(150, 400))}
+    outcomes = _hand_outcomes([("late", "stable", math.nan), ("edge", "stable", math.nan),
+                               ("last", "stable", math.nan), ("early", "stable", math.nan),
+                               ("div", "diverged", 250.0)])
+    # without the censoring every run would warn
+    assert all(D.decide_run(r, cfg, cal).warnings for r in scored.values())
+    s, rows = W._measure(list(scored), outcomes, scored, cfg, cal)
+    r = {row["run_id"]: row for row in rows}
+    assert math.isnan(r["late"]["first_warning"]) and r["late"]["alarm_steps"] == 0
+    assert math.isnan(r["edge"]["first_warning"]) and r["edge"]["alarm_steps"] == 0  # step 300 is not judged
+    assert r["last"]["first_warning"] == 299 and r["last"]["alarm_steps"] == 1  # step 299 is
+    assert r["early"]["first_warning"] == 200 and r["early"]["alarm_steps"] == 10
+    assert r["div"]["first_warning"] == 150 and r["div"]["lead_steps"] == 100
+    judged = len(range(10, 300))  # after burn-in, before the horizon
+    assert all(r[k]["judged_steps"] == judged for k in ("late", "edge", "last", "early"))
+    assert r["div"]["judged_steps"] == len(range(10, 250))
+    assert s["stable_warned_share"] == pytest.approx(2 / 4)
+    assert s["fa_steps_stable"] == pytest.approx(11 / (4 * judged))
+    assert s["warned_50_share"] == 1.0 and s["median_lead"] == 100
+
+
+def test_calibrate_leaves_the_censored_end_of_stable_runs_out_of_the_thresholds():
+    rng = np.random.default_rng(0)
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, burn_in=10, envelope=0)
+    scored, want = {}, 0.0
+    for i in range(3):
+        sc = rng.uniform(0, 1, 400)
+        sc[380] = 1000.0  # a huge score in the last CENSOR steps of a stable run
+        scored[f"s{i}"] = [(s, [(("m", ""), float(sc[s]), 0.01, 1.0)]) for s in range(400)]
+        want = max(want, sc[10:300].max())
+    scored["d"] = _hand_run(hot=range(100, 200), score=50.0)
+    outcomes = _hand_outcomes([("s0", "stable", math.nan), ("s1", "spiked_recovered", math.nan),
+                               ("s2", "stable", math.nan), ("d", "diverged", 200.0)])
+    cal = W._calibrate(list(scored), outcomes, scored, cfg, "t")
+    assert cal.thresholds["m"] == pytest.approx(want) and want < 1
+    assert D.calibrate([scored["s0"]], config=cfg).thresholds["m"] == 1000.0  # what the censoring removes
+    env = W._calibrate(list(scored), outcomes, scored, replace(cfg, envelope=50), "t").thresholds["m"]
+    assert max(env) == pytest.approx(want)
+
+
+def _res(w50=0.5, lead=100.0, stable=0.0, fa=0.0, fa_sp=0.0):
+    return {"warned_50_share": w50, "median_lead": lead, "stable_warned_share": stable, "fa_steps_stable": fa,
+            "fa_steps_spiked": fa_sp}
+
+
+def test_objective_is_youdens_j_then_lead():
+    # J = warned >= 50 share - stable warned share, computed independently here
+    cands = [_res(w50=0.9, lead=60, stable=0.3), _res(w50=0.5, lead=300, stable=0.0), _res(w50=0.7, lead=100, stable=0.1)]
+    j = [c["warned_50_share"] - c["stable_warned_share"] for c in cands]
+    assert max(cands, key=W._objective) is cands[int(np.argmax(j))]
+    assert W._objective(_res(lead=120)) > W._objective(_res(lead=80))  # ties broken by lead
+    assert W._objective(_res(stable=math.nan, w50=0.6)) == W._objective(_res(w50=0.6, stable=0.0))  # no stable runs
+
+
+def test_build_rejects_bad_seeds_before_training(tmp_path):
+    for bad in ((), (-1,), (True,), (1.5,)):
+        out = tmp_path / "x"
+        with pytest.raises(ValueError, match="seeds"):
+            W.build("quick", out=out, executor="local", progress=False, seeds=bad)
+        assert not out.exists()
+
+
+def test_cli_build_passes_seeds(monkeypatch, tmp_path, capsys):
+    got = []
+
+    def fake(scale, **kw):
+        got.append((scale, kw))
+        return {"composition": [{"mechanism": "all", "stable": 1}], "n_runs": 1, "n_diverged_after_150": 0,
+                "build_wall_s": 0.0}
+
+    monkeypatch.setattr(W, "build", fake)
+    assert main(["warnings", "build", "--out", str(tmp_path), "--seeds", "3", "4", "--no-progress"]) == 0
+    assert main(["warnings", "build", "--out", str(tmp_path)]) == 0
+    assert got[0][0] == "quick" and got[0][1]["seeds"] == (3, 4) and got[0][1]["out"] == str(tmp_path)
+    assert got[1][1]["seeds"] is None
+    assert "1 runs" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def reseeded(tmp_path_factory):
+    """A proxy-only benchmark long enough to be judged past the censoring (250 steps), built on seeds 3 and
+    4 instead of its scale's seed 0."""
+    mech = {m.name: m for m in W.SCALES["quick"].mechanisms}["attn_logit_growth"]
+    sc = W.BenchScale(name="reseeded", size={"name": "t", "d_model": 16, "n_layers": 1, "head_dim": 8}, steps=250,
+                      batch_size=4, seq_len=16, seeds=(0,),
+                      mechanisms=(replace(mech, unstable_lrs=(3.0,), control_lrs=(0.05,),
+                                          overrides={"lr_schedule": W.ramp(250)}),))
+    out = tmp_path_factory.mktemp("wb") / "reseeded"
+    return out, W.build(sc, out=out, executor="local", progress=False, seeds=(3, 4))
+
+
+def test_build_seeds_replace_the_scale_seeds(reseeded):
+    out, meta = reseeded
+    assert tuple(meta["scale"]["seeds"]) == (3, 4)
+    assert json.loads((out / "benchmark.json").read_text())["scale"]["seeds"] == [3, 4]
+    outcomes = pd.read_parquet(out / "outcomes.parquet")
+    assert sorted(outcomes["seed"]) == [3, 3, 4, 4] and meta["n_runs"] == 4
+
+
+def test_evaluate_returns_one_calibration_per_every_and_the_cli_writes_them(reseeded, tmp_path, monkeypatch):
+    out, _ = reseeded
+    res = W.evaluate(out, grid=())
+    cals = res["calibrations"]
+    assert set(cals) == {1, 10} and res["calibration"] is cals[1]
+    for every, cal in cals.items():
+        assert cal.interval == every and f"every={every}" in cal.source
+        assert cal.thresholds, every  # the controls are judged up to step 150 (250 - CENSOR)
+    # every=10 is every=1's history subsampled: its thresholds come from fewer, wider-window slopes
+    assert cals[1].thresholds != cals[10].thresholds
+    real = W.evaluate
+    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor: real(store, everys=everys, grid=(), censor=censor))
+    path = tmp_path / "cal.json"
+    assert main(["warnings", "evaluate", str(out), "--every", "1", "10", "--calibration-out", str(path)]) == 0
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk) == {"1", "10"}
+    loaded = D.load_calibration(path)
+    assert loaded == cals
