@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 
 OUTCOMES = ("stable", "spiked_recovered", "diverged")
+#: ``DetectorConfig`` fields a ``Calibration`` can carry (``Calibration.settings``).
+ADOPTABLE = ("margin", "min_metrics", "persist")
 TRANSFORMS = ("log", "neglog", "identity")
 
 #: watched metric -> transform of the default warning.
@@ -190,12 +192,20 @@ class Calibration:
     interval: int = 1
     """Logging interval (steps between logged steps) of the runs it was calibrated on: slopes over fewer
     points are noisier, so thresholds hold for this interval."""
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    """``DetectorConfig`` fields chosen with these thresholds (``margin``, ``min_metrics``, ``persist``, by
+    ``stabilitylab warnings evaluate``); a detector built with ``adopt`` takes them (see ``RunawayDetector``)."""
+
+    def __post_init__(self) -> None:
+        bad = set(self.settings) - set(ADOPTABLE)
+        if bad:
+            raise ValueError(f"Calibration(settings={dict(self.settings)}): only {ADOPTABLE} can be carried")
 
     def to_dict(self) -> dict[str, Any]:
         return {"thresholds": dict(self.thresholds), "bin_steps": self.bin_steps,
                 "level_at_divergence": dict(self.level_at_divergence),
                 "ratio_lo": self.ratio_lo, "ratio_hi": self.ratio_hi, "fallback_lead": self.fallback_lead,
-                "source": self.source, "interval": self.interval}
+                "source": self.source, "interval": self.interval, "settings": dict(self.settings)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
@@ -383,15 +393,24 @@ class RunawayDetector:
         config: detector settings.
         calibration: thresholds and forecast constants, or one per logging interval (the nearest to the
             run's is taken at its second logged step); None scores but never warns.
+        adopt: ``config`` fields (of ``ADOPTABLE``) to take from the calibration's ``settings`` where it has
+            them (the live probe adopts the ones its user did not set); ``config`` keeps the others.
     """
 
-    def __init__(self, config: DetectorConfig | None = None, calibration: Calibrations | None = None):
-        self.config = config or DetectorConfig()
+    def __init__(self, config: DetectorConfig | None = None, calibration: Calibrations | None = None,
+                 adopt: tuple[str, ...] = ()):
+        self.base_config = self.config = config or DetectorConfig()
         self.calibrations = load_calibration(calibration, "RunawayDetector(calibration)")
+        bad = set(adopt) - set(ADOPTABLE)
+        if bad:
+            raise ValueError(f"RunawayDetector(adopt={adopt!r}): only {ADOPTABLE} can be adopted")
+        self.adopt = tuple(adopt)
         self.reset()
 
     def _calibrate(self, calibration: Calibration | None) -> None:
         self.calibration = cal = calibration
+        take = {k: v for k, v in (cal.settings if cal is not None else {}).items() if k in self.adopt}
+        self.config = replace(self.base_config, **take) if take else self.base_config
         self._bin = cal.bin_steps if cal is not None else 0
         self._thresholds = {} if cal is None else \
             {m: [self.config.margin * float(v) for v in t] if isinstance(t, (list, tuple))
@@ -620,7 +639,7 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 0.8362, 1.238, 1.238],
             "loss": [0.02727, 0.02727, 0.132, 0.4381, 0.4381, 0.4381, 0.1384],
         },
-        bin_steps=50, interval=1,
+        bin_steps=50, interval=1, settings={"margin": 1.0, "min_metrics": 2, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.336, "attn.entropy": 5.529, "logits.lse_mean": 4.973, "logits.max": 1.712, "update.ratio": -1.671, "grad.global_norm": -0.05104, "loss": 1.199},
         ratio_lo=0.514, ratio_hi=5.377, fallback_lead=125,
         source="warnings benchmark v2, 72 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
@@ -635,9 +654,9 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "grad.global_norm": [0.2823, 0.2823, 0.474, 0.5743, 0.7652, 1.317, 1.317],
             "loss": [0.3092, 0.3092, 0.3092, 0.3092, 0.3092, 0.3092, 0.2607],
         },
-        bin_steps=50, interval=10,
+        bin_steps=50, interval=10, settings={"margin": 1.5, "min_metrics": 1, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.412, "logits.lse_mean": 5.067, "logits.max": 1.784, "update.ratio": -1.67, "grad.global_norm": 0.1985, "loss": 1.137},
-        ratio_lo=0.4844, ratio_hi=4.047, fallback_lead=109.5,
+        ratio_lo=0.889, ratio_hi=3.623, fallback_lead=130.5,
         source="warnings benchmark v2, 72 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
 }

@@ -412,3 +412,26 @@ def test_default_calibrations_are_keyed_by_logging_interval():
     for every, cal in D.DEFAULT_CALIBRATIONS.items():
         assert isinstance(cal, D.Calibration) and cal.interval == every
         assert set(cal.thresholds) <= set(D.DEFAULT_WATCH)
+
+
+def test_calibration_settings_are_adopted_only_where_asked():
+    base = D.DetectorConfig(window=10, burn_in=0, min_metrics=2, margin=1.0)
+    plain = D.Calibration(thresholds={"attn.max_logit": 2.0}, interval=1)
+    carried = D.Calibration(thresholds={"attn.max_logit": 2.0}, interval=10,
+                            settings={"margin": 3.0, "min_metrics": 1, "persist": 20})
+    assert D.Calibration.from_dict(carried.to_dict()) == carried
+    det = D.RunawayDetector(base, carried, adopt=("margin", "min_metrics"))
+    assert det.config.margin == 3.0 and det.config.min_metrics == 1 and det.config.persist == 0
+    assert det._thresholds["attn.max_logit"] == 6.0  # margin x threshold
+    det = D.RunawayDetector(base, carried)  # nothing adopted: the config as given
+    assert det.config == base and det._thresholds["attn.max_logit"] == 2.0
+    # per logging interval: the settings switch with the calibration picked at the second logged step
+    det = D.RunawayDetector(base, {1: plain, 10: carried}, adopt=D.ADOPTABLE)
+    assert det.config == base
+    det.update(0, {})
+    det.update(10, {})
+    assert det.calibration is carried and (det.config.margin, det.config.min_metrics, det.config.persist) == (3.0, 1, 20)
+    with pytest.raises(ValueError, match="settings"):
+        D.Calibration(thresholds={}, settings={"window": 5})
+    with pytest.raises(ValueError, match="adopt"):
+        D.RunawayDetector(base, plain, adopt=("window",))

@@ -57,6 +57,9 @@ class EarlyWarning(Probe):
         burn_in: steps from the first logged step before any warning.
         min_metrics: distinct metrics that must be hot together for a warning.
         margin: multiplier on the calibrated thresholds (> 1: fewer, later warnings).
+            ``persist``, ``min_metrics`` and ``margin`` left None take the calibration's ``settings`` (chosen
+            with its thresholds by ``warnings evaluate``; the defaults differ at ``every=1`` and ``every=10``),
+            else ``DetectorConfig``'s defaults (0, 2, 1.0).
         cooldown: steps after a warning before the next one.
         callback: ``fn(event)`` called on every warning event.
         snapshot_dir: folder for flight-recorder snapshots (None: off).
@@ -68,14 +71,17 @@ class EarlyWarning(Probe):
     name = "early_warning"
     metrics = ()
 
-    def __init__(self, watch: dict[str, str] | None = None, calibration=None, window: int = 60, persist: int = 0,
-                 burn_in: int = 60, min_metrics: int = 2, margin: float = 1.0, cooldown: int = 50,
+    def __init__(self, watch: dict[str, str] | None = None, calibration=None, window: int = 60,
+                 persist: int | None = None, burn_in: int = 60, min_metrics: int | None = None,
+                 margin: float | None = None, cooldown: int = 50,
                  callback: Callable[[Event], None] | None = None, snapshot_dir: str | Path | None = None,
                  snapshot_steps: int = 50, max_snapshots: int = 1, min_points: int = 9):
         super().__init__()
+        given = {k: v for k, v in (("persist", persist), ("min_metrics", min_metrics), ("margin", margin))
+                 if v is not None}
+        self.adopt = tuple(k for k in D.ADOPTABLE if k not in given)
         self.config = D.DetectorConfig(watch=dict(DEFAULT_WATCH if watch is None else watch), window=window,
-                                       min_points=min_points, persist=persist, burn_in=burn_in, min_metrics=min_metrics, margin=margin,
-                                       cooldown=cooldown)
+                                       min_points=min_points, burn_in=burn_in, cooldown=cooldown, **given)
         cal = D.load_calibration(calibration, "EarlyWarning(calibration)")
         self.calibrations = D.DEFAULT_CALIBRATIONS if cal is None else cal
         for name, v in (("snapshot_steps", snapshot_steps), ("max_snapshots", max_snapshots)):
@@ -96,7 +102,7 @@ class EarlyWarning(Probe):
 
     def reset(self) -> None:
         """Forget all detector state (a new run)."""
-        self.detector = D.RunawayDetector(self.config, self.calibrations)
+        self.detector = D.RunawayDetector(self.config, self.calibrations, adopt=self.adopt)
         self._batch = None
         self._snapshots = 0
         self._python_warned = False

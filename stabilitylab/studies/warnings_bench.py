@@ -475,7 +475,8 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         mechanism's held-out result, and on a benchmark folder the same pooled over the gradual and over the
         abrupt-change mechanisms, ``Mechanism.abrupt``), "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
         "tradeoff": DataFrame (the held-out-seed result per threshold margin), "calibrations": {every:
-        the calibration on every run at that logging interval} (what the shipped defaults are),
+        the calibration on every run at that logging interval, carrying the ``settings`` that
+        leave-one-mechanism-out over every run chooses} (what the shipped defaults are),
         "calibration": the one at every=1 (else the smallest every), "meta": {...}}``.
     """
     base = base or D.DetectorConfig()
@@ -523,8 +524,13 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                                                  censor=censor)[0]}
                                      for m in TRADEOFF_MARGINS])
         ids = list(outcomes["run_id"])
-        full_cal[every] = _calibrate(ids, outcomes, scored, base,
-                                     f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}", censor)
+        chosen = base
+        if grid and outcomes["mechanism"].nunique() > 1:  # the settings a calibration on every run carries
+            chosen = choose_settings(ids, outcomes, scored, base, grid, censor)[0]
+        cal = _calibrate(ids, outcomes, scored, chosen,
+                         f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}", censor)
+        full_cal[every] = replace(cal, settings={k: getattr(chosen, k) for k in D.ADOPTABLE}
+                                  if chosen is not base else {})
     if not summary:
         raise ValueError(f"{str(path)!r}: nothing to hold out; evaluate needs runs of at least 2 seeds or 2 "
                          "variants (mechanisms), so that some runs calibrate and others are tested")
@@ -543,7 +549,9 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
     from stabilitylab.report import markdown_table
 
     s = result["summary"].copy()
-    lines = [f"# Early warning on the warnings benchmark v{BENCHMARK_VERSION}", ""]
+    title = f"the warnings benchmark v{build_meta.get('benchmark_version', BENCHMARK_VERSION)}" if build_meta \
+        else "a sweep store"
+    lines = [f"# Early warning on {title}", ""]
     if build_meta:
         seeds = " ".join(str(x) for x in build_meta["scale"].get("seeds", []))
         lines += [f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']} --seeds {seeds}` in "
@@ -572,7 +580,8 @@ def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -
                      f"step the burn-in ({burn} steps) allows: those runs' signals already grew faster than on any "
                      "calibration run when the detector started to look.")
     lines += ["", "## Lead time vs false alarms (held-out seed, per threshold margin)", "",
-              markdown_table(result["tradeoff"]), ""]
+              markdown_table(result["tradeoff"]) if len(result["tradeoff"])
+              else "(no held-out seed split: the store has runs of one seed only)", ""]
     d = pr[(pr["outcome"] == "diverged") & (pr["split"].str.startswith("held-out ")) & (pr["split"] != "held-out seed")]
     cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
             "steps_left", "steps_left_lo", "steps_left_hi", "covered"]

@@ -187,3 +187,17 @@ def test_probe_defaults_to_the_shipped_calibrations_and_loads_a_mapping_file(tmp
     bad.write_text(json.dumps({"every10": loud.to_dict()}))
     with pytest.raises(ValueError, match="EarlyWarning\\(calibration\\)"):
         EarlyWarning(calibration=bad)
+
+
+def test_probe_adopts_calibration_settings_it_was_not_given():
+    from stabilitylab import detectors as D
+
+    cal = D.Calibration(thresholds={"attn.max_logit": 1.0}, settings={"margin": 2.5, "min_metrics": 1, "persist": 7})
+    ew = EarlyWarning(calibration=cal)
+    assert (ew.detector.config.margin, ew.detector.config.min_metrics, ew.detector.config.persist) == (2.5, 1, 7)
+    ew = EarlyWarning(calibration=cal, margin=1.0, persist=0)  # given explicitly: kept
+    assert (ew.detector.config.margin, ew.detector.config.min_metrics, ew.detector.config.persist) == (1.0, 1, 0)
+    ew = EarlyWarning(calibration=D.Calibration(thresholds={}))  # nothing carried: DetectorConfig's defaults
+    d = D.DetectorConfig()
+    assert (ew.detector.config.margin, ew.detector.config.min_metrics, ew.detector.config.persist) == \
+        (d.margin, d.min_metrics, d.persist)

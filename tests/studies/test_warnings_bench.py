@@ -95,10 +95,14 @@ def test_evaluate_reports_every_split_at_every_1_and_10(mini):
     assert pooled["n_runs"] == len(held) == 8
     assert pooled["n_diverged"] == (held["outcome"] == "diverged").sum()
     assert set(res["tradeoff"]["margin"]) == set(W.TRADEOFF_MARGINS)
+    # the calibration on every run carries the settings chosen on every run (two mechanisms: LOMO possible)
+    for cal in res["calibrations"].values():
+        assert set(cal.settings) == set(D.ADOPTABLE) and dict(cal.settings) in [dict(g) for g in W.GRID[:2]]
     assert res["calibration"].thresholds and "every=1" in res["calibration"].source
     # any single sweep store works too: here one mechanism, so only the held-out seed split exists
     one = W.evaluate(out / "proxy", everys=(1,), grid=(), censor=20)
     assert set(one["summary"]["split"]) == {"held-out seed"}
+    assert W.markdown(one).startswith("# Early warning on a sweep store\n")
 
 
 def test_cli_help_and_evaluate_on_a_tiny_store(mini, tmp_path, capsys):
