@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from stabilitylab._checks import int_at_least
+
 OUTCOMES = ("stable", "spiked_recovered", "diverged")
 #: ``DetectorConfig`` fields a ``Calibration`` can carry (``Calibration.settings``).
 ADOPTABLE = ("margin", "min_metrics", "persist")
@@ -245,6 +247,11 @@ def load_calibration(obj: Any, what: str = "calibration") -> Calibrations | None
                     "calibration JSON file")
 
 
+def calibrations_to_dict(calibrations: Mapping[int, Calibration]) -> dict[str, Any]:
+    """The JSON-able ``{"interval": Calibration.to_dict()}`` that ``load_calibration`` reads back."""
+    return {str(k): c.to_dict() for k, c in calibrations.items()}
+
+
 def pick_calibration(calibrations: Calibrations | None, interval: int) -> Calibration | None:
     """The calibration for a logging interval: the one given, or the nearest interval (in log scale)."""
     if calibrations is None or isinstance(calibrations, Calibration):
@@ -292,7 +299,7 @@ class DetectorConfig:
         for name, lo in (("window", 3), ("min_points", 3), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
                          ("envelope", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            if not int_at_least(v, lo):
                 raise ValueError(f"DetectorConfig({name}={v!r}): must be an int >= {lo}")
         if self.min_metrics > len(self.watch):
             raise ValueError(f"DetectorConfig(min_metrics={self.min_metrics}): only {len(self.watch)} metrics are "

@@ -4,7 +4,7 @@
     html, md = write_report("runs/demo")          # runs/demo/report/report.html, report.md, *.png
 
 This module is the one HTML + markdown renderer: ``write_page(out, title, parts)`` renders a list of
-``Heading`` / ``Paragraph`` / ``Bullets`` / ``Table`` / ``FigureFile`` parts to ``report.html`` and
+``Heading`` / ``Paragraph`` / ``Bullets`` / ``Table`` / ``FigureFile`` / ``Code`` parts to ``report.html`` and
 ``report.md``; ``format_cells`` and ``markdown_table`` format single tables the same way.
 """
 
@@ -146,7 +146,15 @@ class FigureFile:
     anchor: str = ""
 
 
-Part = Heading | Paragraph | Bullets | Table | FigureFile
+@dataclass
+class Code:
+    """A preformatted block (``language`` tags the markdown fence, e.g. ``"json"``)."""
+
+    text: str
+    language: str = ""
+
+
+Part = Heading | Paragraph | Bullets | Table | FigureFile | Code
 
 STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em;line-height:1.4}"
          "table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{padding:2px 6px;"
@@ -190,8 +198,12 @@ def render(title: str, parts: Sequence[Part]) -> tuple[str, str]:
             body.append(f'<figure{anchor}><img alt="{esc(p.caption)}" src="data:image/png;base64,{b64}"/>'
                         f"<figcaption>{esc(p.caption)}</figcaption></figure>")
             md += [f"![{p.caption}]({Path(p.png).name})", ""]
+        elif isinstance(p, Code):
+            md += [f"```{p.language}", p.text, "```", ""]
+            body.append(f"<pre><code>{esc(p.text)}</code></pre>")
         else:
-            raise TypeError(f"render(parts=...): {p!r} is not a Heading, Paragraph, Bullets, Table or FigureFile")
+            raise TypeError(f"render(parts=...): {p!r} is not a Heading, Paragraph, Bullets, Table, FigureFile "
+                            "or Code")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     return page, "\n".join(md) + "\n"

@@ -357,6 +357,7 @@ def test_load_calibration_accepts_every_form_and_rejects_bad_input(tmp_path):
     one, many = tmp_path / "one.json", tmp_path / "many.json"
     one.write_text(json.dumps(a.to_dict()))
     many.write_text(json.dumps({"1": a.to_dict(), "10": b.to_dict()}))
+    assert D.calibrations_to_dict({1: a, 10: b}) == json.loads(many.read_text())
     assert D.load_calibration(one) == a and D.load_calibration(str(one)) == a
     assert D.load_calibration(many) == {1: a, 10: b}
     with pytest.raises(FileNotFoundError, match="calibration-out"):

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from stabilitylab.report import (
     Bullets,
+    Code,
     FigureFile,
     Heading,
     Paragraph,
@@ -108,6 +109,9 @@ def test_write_page_writes_both_files_and_rejects_unknown_parts(tmp_path):
     html_path, md_path = write_page(tmp_path, "t", [Heading("h", level=3)], stem="page")
     assert (html_path.name, md_path.name) == ("page.html", "page.md")
     assert "<h3>h</h3>" in html_path.read_text() and md_path.read_text() == "# t\n\n### h\n\n"
+    page, md = render("t", [Code('{"a": "<1>"}', "json")])
+    assert md == '# t\n\n```json\n{"a": "<1>"}\n```\n\n'
+    assert "<pre><code>{&quot;a&quot;: &quot;&lt;1&gt;&quot;}</code></pre>" in page
     try:
         render("t", ["not a part"])
     except TypeError as e:

@@ -55,6 +55,7 @@ import pandas as pd
 
 from stabilitylab import detectors as D
 from stabilitylab import metrics as M
+from stabilitylab._checks import int_at_least
 from stabilitylab.analysis.early_warning import run_steps
 
 BENCHMARK_VERSION = "2"
@@ -251,7 +252,7 @@ def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = Non
         raise ValueError(f"build(scale={scale!r}): choose from {list(SCALES)}")
     sc = SCALES[scale] if isinstance(scale, str) else scale
     if seeds is not None:
-        if not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds):
+        if not seeds or not all(int_at_least(x, 0) for x in seeds):
             raise ValueError(f"build(seeds={seeds!r}): give one or more non-negative int seeds")
         sc = replace(sc, seeds=tuple(seeds))
     if executor not in EXECUTORS or executor == "vectorized":
@@ -349,10 +350,10 @@ def composition(outcomes: pd.DataFrame) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def horizon(scored_run: D.ScoredRun, diverge_step: float = math.nan, censor: int = CENSOR) -> float:
-    """First step that is not judged: the divergence step of a diverged run; for any other run, ``CENSOR``
-    (``censor``) steps before its last logged step (whether a run diverges in the ``CENSOR`` steps after a step is known
-    only up to there: a run that ends while heading for divergence is labelled stable, and a warning
-    in its last steps can be neither confirmed nor refuted)."""
+    """First step that is not judged: the divergence step of a diverged run; for any other run, ``censor``
+    steps before its last logged step (whether a run diverges within ``censor`` steps of a step is known only
+    up to there: a run that ends while heading for divergence is labelled stable, and a warning in its last
+    steps can be neither confirmed nor refuted)."""
     if math.isfinite(diverge_step):
         return diverge_step
     return scored_run[-1][0] - censor + 1 if scored_run else math.inf
@@ -366,7 +367,7 @@ def _measure(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.Detect
     for rid in ids:
         r = o.loc[rid]
         dstep = float(r["diverge_step"])
-        end = horizon(scored[rid], dstep if r["outcome"] == "diverged" else math.nan, censor)
+        end = horizon(scored[rid], dstep, censor)  # diverge_step is NaN unless the run diverged
         det = D.decide_run(scored[rid], cfg, cal, before=end)
         w = det.warnings[0] if det.warnings else None
         lead = dstep - w.step if (w is not None and r["outcome"] == "diverged") else math.nan
@@ -544,52 +545,63 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
 
 
 
-def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> str:
-    """The evaluation as markdown: composition, the summary table with goals, the per-run rows of diverged runs."""
-    from stabilitylab.report import markdown_table
+def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tuple[str, list]:
+    """``(title, report parts)`` of an evaluation: composition, the summary table with goals, the trade-off, the
+    per-run rows of diverged runs and the calibrations; ``markdown`` and the HTML report render these."""
+    from stabilitylab.report import Bullets, Code, Heading, Paragraph, Table
 
     s = result["summary"].copy()
     title = f"the warnings benchmark v{build_meta.get('benchmark_version', BENCHMARK_VERSION)}" if build_meta \
         else "a sweep store"
-    lines = [f"# Early warning on {title}", ""]
+    parts: list = []
     if build_meta:
         seeds = " ".join(str(x) for x in build_meta["scale"].get("seeds", []))
-        lines += [f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']} --seeds {seeds}` in "
-                  f"{build_meta['build_wall_s']} s wall ({build_meta['executor']}, {build_meta['workers']} workers, "
-                  f"{build_meta['cpu_count']} cores; 1/5/15-min load average at the end "
-                  f"{', '.join(f'{x:.1f}' for x in build_meta.get('load_avg_at_end') or [])}: "
-                  "the cores were shared with other work, so wall times are upper bounds).", ""]
-    lines += ["## Composition (runs per mechanism and outcome)", "", markdown_table(result["composition"]), "",
-              "## Held-out results", "",
-              "Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
-              "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` / `persist` were "
-              "chosen on the calibration runs only (leave-one-mechanism-out inside them, by Youden's J: warned >= 50 "
-              f"share minus stable-warned share). The last {result['meta'].get('censor', CENSOR)} steps of runs that did "
-              "not diverge are neither judged nor used for thresholds: whether a run diverges after them is unknown "
-              "(a run that ends while heading for divergence is labelled stable).", ""]
+        parts.append(Paragraph(
+            f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']} --seeds {seeds}` in "
+            f"{build_meta['build_wall_s']} s wall ({build_meta['executor']}, {build_meta['workers']} workers, "
+            f"{build_meta['cpu_count']} cores; 1/5/15-min load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in build_meta.get('load_avg_at_end') or [])}: "
+            "the cores were shared with other work, so wall times are upper bounds)."))
+    parts += [Table(result["composition"], "Composition (runs per mechanism and outcome)", level=2),
+              Heading("Held-out results"),
+              Paragraph("Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
+                        "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` / "
+                        "`persist` were chosen on the calibration runs only (leave-one-mechanism-out inside them, by "
+                        "Youden's J: warned >= 50 share minus stable-warned share). The last "
+                        f"{result['meta'].get('censor', CENSOR)} steps of runs that did not diverge are neither judged "
+                        "nor used for thresholds: whether a run diverges after them is unknown (a run that ends while "
+                        "heading for divergence is labelled stable).")]
     for k, (op, v) in GOALS.items():
         s[f"{k}_ok"] = s[k].map(lambda x, op=op, v=v: "" if pd.isna(x) else ("yes" if (x >= v if op == ">=" else x <= v)
                                                                         else "no"))
-    lines += [markdown_table(s), ""]
+    parts.append(Table(s, "Summary (goals met: the *_ok columns)"))
     pr = result["per_run"]
     held = pr[pr["split"].str.startswith("held-out ") & (pr["split"] != "held-out seed") & pr["first_warning"].notna()]
     burn = result["meta"]["detector"]["burn_in"]
-    for every, g in held.groupby("every"):
-        early = float((g["first_warning"] <= burn + every).mean())
-        lines.append(f"- every={every}: {early:.0%} of the first warnings (mechanism held out) came on the first "
-                     f"step the burn-in ({burn} steps) allows: those runs' signals already grew faster than on any "
-                     "calibration run when the detector started to look.")
-    lines += ["", "## Lead time vs false alarms (held-out seed, per threshold margin)", "",
-              markdown_table(result["tradeoff"]) if len(result["tradeoff"])
-              else "(no held-out seed split: the store has runs of one seed only)", ""]
+    parts.append(Bullets([f"every={every}: {float((g['first_warning'] <= burn + every).mean()):.0%} of the first "
+                          f"warnings (mechanism held out) came on the first step the burn-in ({burn} steps) allows: "
+                          "those runs' signals already grew faster than on any calibration run when the detector "
+                          "started to look." for every, g in held.groupby("every")]))
+    tradeoff = "Lead time vs false alarms (held-out seed, per threshold margin)"
+    if len(result["tradeoff"]):
+        parts.append(Table(result["tradeoff"], tradeoff, level=2))
+    else:
+        parts += [Heading(tradeoff), Paragraph("(no held-out seed split: the store has runs of one seed only)")]
     d = pr[(pr["outcome"] == "diverged") & (pr["split"].str.startswith("held-out ")) & (pr["split"] != "held-out seed")]
     cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
             "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
-    lines += ["## Diverged runs, mechanism held out", "", markdown_table(d[cols]), ""]
+    parts.append(Table(d[cols], "Diverged runs, mechanism held out", level=2, collapse_rows=40))
     for every, cal in result.get("calibrations", {1: result["calibration"]}).items():
-        lines += [f"## Calibration on every run at every={every} (the shipped defaults)", "", "```json",
-                  json.dumps(cal.to_dict(), indent=1), "```", ""]
-    return "\n".join(lines)
+        parts += [Heading(f"Calibration on every run at every={every} (what --calibration-out writes)"),
+                  Code(json.dumps(cal.to_dict(), indent=1), "json")]
+    return f"Early warning on {title}", parts
+
+
+def markdown(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> str:
+    """The evaluation as markdown (``page`` rendered by ``stabilitylab.report.render``)."""
+    from stabilitylab.report import render
+
+    return render(*page(result, build_meta))[1].rstrip("\n")
 
 
 def _jsonable(result: dict[str, Any], build_meta: dict[str, Any] | None) -> dict[str, Any]:
@@ -599,7 +611,7 @@ def _jsonable(result: dict[str, Any], build_meta: dict[str, Any] | None) -> dict
     return {"meta": result["meta"], "build": build_meta, "composition": recs(result["composition"]),
             "summary": recs(result["summary"]), "tradeoff": recs(result["tradeoff"]), "per_run": recs(result["per_run"]),
             "calibration": result["calibration"].to_dict(),
-            "calibrations": {str(e): c.to_dict() for e, c in result["calibrations"].items()}}
+            "calibrations": D.calibrations_to_dict(result["calibrations"])}
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -628,12 +640,11 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
                 Path(p).parent.mkdir(parents=True, exist_ok=True)
                 Path(p).write_text(text + "\n")
     if args.calibration_out:
-        Path(args.calibration_out).write_text(json.dumps({str(e): c.to_dict() for e, c in res["calibrations"].items()},
-                                                         indent=1) + "\n")
+        Path(args.calibration_out).write_text(json.dumps(D.calibrations_to_dict(res["calibrations"]), indent=1) + "\n")
     if args.report:
         from stabilitylab.studies.warnings_report import write_warnings_report
 
-        print(f"report: {write_warnings_report(args.store, res, args.report)}")
+        print(f"report: {write_warnings_report(args.store, res, args.report, build_meta)}")
     return 0
 
 
