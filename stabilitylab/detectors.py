@@ -633,38 +633,77 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
                    fallback_lead=max(float(np.median(leads)) if leads else 100.0, 1.0))
 
 
-#: Calibrations shipped as the defaults: ``stabilitylab warnings evaluate --calibration-out`` on the quick
-#: benchmark (v2, all runs), one per logging interval; regenerate and paste, or pass your own to ``EarlyWarning``.
+def extend_calibration(base: Calibration, own: Calibration) -> Calibration:
+    """``own`` (fitted on your runs) with ``base``'s thresholds as a floor: per metric and bin the larger of
+    the two finite thresholds (a metric or bin one of them never calibrated takes the other's), so the result
+    fires on neither calibration's stable runs. ``own``'s forecast constants are kept where it has them
+    (it saw divergences), else ``base``'s; ``base``'s ``settings``; ``own``'s interval.
+
+    Raises:
+        ValueError: if both have list thresholds on different ``bin_steps``.
+    """
+    if base.bin_steps and own.bin_steps and base.bin_steps != own.bin_steps:
+        raise ValueError(f"extend_calibration: bins of {base.bin_steps} and {own.bin_steps} steps; calibrate yours "
+                         f"with envelope={base.bin_steps} to extend this one")
+
+    def as_list(v: Any, n: int) -> list[float]:
+        v = [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)]
+        return v + [v[-1]] * (n - len(v))
+
+    def larger(a: float, b: float) -> float:
+        fin = [x for x in (a, b) if math.isfinite(x)]
+        return max(fin) if fin else math.inf
+
+    thr: dict[str, Any] = {}
+    for m in [*base.thresholds, *(k for k in own.thresholds if k not in base.thresholds)]:
+        a, b = base.thresholds.get(m, math.inf), own.thresholds.get(m, math.inf)
+        if not isinstance(a, (list, tuple)) and not isinstance(b, (list, tuple)):
+            thr[m] = larger(float(a), float(b))
+            continue
+        n = max(len(x) if isinstance(x, (list, tuple)) else 1 for x in (a, b))
+        thr[m] = [larger(x, y) for x, y in zip(as_list(a, n), as_list(b, n))]
+    saw = bool(own.level_at_divergence)
+    return replace(own, thresholds=thr, bin_steps=base.bin_steps or own.bin_steps,
+                   level_at_divergence={**base.level_at_divergence, **own.level_at_divergence},
+                   ratio_lo=own.ratio_lo if saw else base.ratio_lo, ratio_hi=own.ratio_hi if saw else base.ratio_hi,
+                   fallback_lead=own.fallback_lead if saw else base.fallback_lead,
+                   settings={**base.settings, **own.settings},
+                   source=f"{own.source}, extending {base.source}" if base.source else own.source)
+
+
+#: Calibrations shipped as the defaults: ``stabilitylab warnings evaluate --settings-from DEV --calibration-out``
+#: on the quick benchmark (v2, 6 seeds, all 144 runs; the settings those of the development build on seeds
+#: 10-12), one per logging interval; regenerate and paste, or pass your own to ``EarlyWarning``.
 DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
     1: Calibration(
         thresholds={
-            "attn.max_logit": [4.344, 4.344, 4.344, 3.705, 3.915, 4.146, 4.146],
-            "attn.entropy": [1.588, 1.588, 1.74, 2.518, 3.403, 4.35, 4.35],
-            "logits.lse_mean": [1.629, 1.629, 1.629, 1.629, 0.7379, 0.7379, 0.7379],
-            "logits.max": [0.7212, 0.7212, 0.7212, 0.2891, 0.2891, 0.2347, 0.2347],
-            "update.ratio": [4.776, 4.776, 4.776, 3.815, 2.279, 2.263, 2.263],
-            "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 0.8362, 1.238, 1.238],
-            "loss": [0.02727, 0.02727, 0.132, 0.4381, 0.4381, 0.4381, 0.1384],
+            "attn.max_logit": [11.35, 11.35, 11.35, 3.705, 4.079, 5.201, 5.201],
+            "attn.entropy": [1.588, 1.588, 1.874, 3.023, 3.838, 5.966, 5.966],
+            "logits.lse_mean": [1.629, 1.629, 1.629, 1.629, 0.9647, 0.9647, 0.9647],
+            "logits.max": [0.837, 0.837, 0.837, 0.2891, 0.3377, 0.3985, 0.3985],
+            "update.ratio": [4.776, 4.776, 4.776, 3.815, 3.143, 3.143, 2.664],
+            "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 1.302, 1.306, 1.306],
+            "loss": [0.03059, 0.03059, 0.132, 0.4381, 0.4381, 0.4381, 0.1866],
         },
         bin_steps=50, interval=1, settings={"margin": 1.0, "min_metrics": 2, "persist": 0},
-        level_at_divergence={"attn.max_logit": 9.336, "attn.entropy": 5.529, "logits.lse_mean": 4.973, "logits.max": 1.712, "update.ratio": -1.671, "grad.global_norm": -0.05104, "loss": 1.199},
-        ratio_lo=0.514, ratio_hi=5.377, fallback_lead=125,
-        source="warnings benchmark v2, 72 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
+        level_at_divergence={"attn.max_logit": 9.231, "attn.entropy": 5.719, "logits.lse_mean": 4.957, "logits.max": 1.712, "update.ratio": -1.674, "grad.global_norm": 0.03714, "loss": 1.207},
+        ratio_lo=0.3752, ratio_hi=6.011, fallback_lead=104,
+        source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
     10: Calibration(
         thresholds={
-            "attn.max_logit": [2.138, 2.138, 2.138, 2.138, 2.297, 3.384, 3.384],
-            "attn.entropy": [1.274, 1.274, 1.274, 1.782, 2.941, 3.714, 3.714],
-            "logits.lse_mean": [1.492, 1.492, 1.492, 1.492, 0.4674, 0.4674, 0.4566],
-            "logits.max": [0.1896, 0.1896, 0.1896, 0.1896, 0.1896, 0.1896, 0.1737],
-            "update.ratio": [3.184, 3.184, 3.184, 3.184, 2.234, 1.526, 1.526],
-            "grad.global_norm": [0.2823, 0.2823, 0.474, 0.5743, 0.7652, 1.317, 1.317],
-            "loss": [0.3092, 0.3092, 0.3092, 0.3092, 0.3092, 0.3092, 0.2607],
+            "attn.max_logit": [2.494, 2.494, 2.494, 3.586, 3.586, 3.921, 3.921],
+            "attn.entropy": [1.333, 1.333, 1.504, 2.635, 3.321, 3.714, 3.714],
+            "logits.lse_mean": [1.492, 1.492, 1.492, 1.492, 0.8828, 0.5255, 0.5255],
+            "logits.max": [0.3092, 0.3092, 0.3092, 0.1896, 0.1896, 0.3092, 0.3092],
+            "update.ratio": [3.294, 3.294, 3.294, 3.294, 2.234, 1.881, 1.526],
+            "grad.global_norm": [0.2823, 0.2823, 0.474, 0.5873, 0.7652, 1.701, 1.701],
+            "loss": [0.001619, 0.001619, 0.001619, 0.3092, 0.3092, 0.3092, 0.2607],
         },
-        bin_steps=50, interval=10, settings={"margin": 1.5, "min_metrics": 1, "persist": 0},
-        level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.412, "logits.lse_mean": 5.067, "logits.max": 1.784, "update.ratio": -1.67, "grad.global_norm": 0.1985, "loss": 1.137},
-        ratio_lo=0.889, ratio_hi=3.623, fallback_lead=130.5,
-        source="warnings benchmark v2, 72 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
+        bin_steps=50, interval=10, settings={"margin": 1.25, "min_metrics": 1, "persist": 0},
+        level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.323, "logits.lse_mean": 5.067, "logits.max": 1.75, "update.ratio": -1.67, "grad.global_norm": 0.1503, "loss": 1.147},
+        ratio_lo=0.7062, ratio_hi=4.403, fallback_lead=120,
+        source="warnings benchmark v2, 144 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
 }
 #: The ``every=1`` default (kept for code that reads one calibration).

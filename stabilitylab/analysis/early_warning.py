@@ -20,6 +20,7 @@ import pandas as pd
 
 from stabilitylab import detectors as D
 from stabilitylab import metrics as M
+from stabilitylab._checks import check_every, int_at_least
 from stabilitylab.detectors import DEFAULT_WATCH, mann_kendall, robust_z
 from stabilitylab.probes.early_warning import EarlyWarning
 
@@ -139,7 +140,8 @@ def run_steps(history: pd.DataFrame, every: int = 1) -> dict[str, list[tuple[int
 
 
 def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mapping[str, float] | None = None,
-                       source: str = "", envelope: int = 50, **detector) -> D.Calibration:
+                       source: str = "", envelope: int = 50, extend=None, censor: int = 0, every: int = 1,
+                       **detector) -> D.Calibration:
     """Calibrate ``EarlyWarning`` on your own runs: thresholds from the runs that did not diverge (ideally
     stable runs with the schedule you will use), forecast constants from those that diverged.
 
@@ -149,13 +151,26 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
         outcome: ``detectors.label_outcome`` arguments.
         source: note stored in the calibration.
         envelope: steps per threshold bin (``DetectorConfig.envelope``; 0: one threshold per metric).
+        extend: a calibration to keep as a floor (``detectors.extend_calibration``): ``"default"`` (the shipped
+            ``DEFAULT_CALIBRATIONS``, the one nearest your runs' logging interval), a ``Calibration``, a
+            mapping or a JSON file. Your stable runs then only raise thresholds where your model grows faster
+            than the benchmark's stable runs (the warnings benchmark's "own low-LR runs calibrate" split
+            measures this), and the result carries that calibration's ``settings``. None: yours alone.
+        censor: steps at the end of each run that did not diverge left out of the thresholds (a run that ends
+            while heading for divergence is labelled stable; the benchmark uses 100). 0 keeps every step,
+            which can only raise the thresholds.
+        every: use only logged steps with ``step % every == 0`` (calibrate for a sparser Monitor ``every``).
         **detector: ``EarlyWarning`` detector arguments (``watch``, ``window``, ``burn_in``, ...).
 
     Returns:
         the ``Calibration`` (``EarlyWarning(calibration=...)``; ``.to_dict()`` is JSON-able).
     """
+    if not int_at_least(censor, 0):
+        raise ValueError(f"calibrate_warnings(censor={censor!r}): give an int >= 0 (steps left out at the end of "
+                         "runs that did not diverge)")
+    check_every(every, "calibrate_warnings(every")
     cfg = replace(EarlyWarning(calibration=D.Calibration(thresholds={}), **detector).config, envelope=envelope)
-    steps = run_steps(history[history["run_id"].isin(runs["run_id"])])
+    steps = run_steps(history[history["run_id"].isin(runs["run_id"])], every)
     neg, pos = [], []
     for st in steps.values():
         loss = [(s, v[(M.LOSS, "")]) for s, v in st if (M.LOSS, "") in v]
@@ -163,9 +178,14 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
         scored = D.score_run(st, cfg)
         if o.label == "diverged":
             pos.append((scored, o.diverge_step))
-        else:
-            neg.append(scored)
+        elif scored:
+            neg.append([x for x in scored if x[0] <= scored[-1][0] - censor])
     if not neg:
         raise ValueError("calibrate_warnings: no run stayed stable; thresholds come from runs that did not "
                          "diverge, so include some (e.g. the same schedule at a lower LR)")
-    return D.calibrate(neg, pos, cfg, source=source or f"{len(neg)} stable and {len(pos)} diverged runs")
+    own = D.calibrate(neg, pos, cfg, source=source or f"{len(neg)} stable and {len(pos)} diverged runs")
+    if extend is None:
+        return own
+    base = D.DEFAULT_CALIBRATIONS if isinstance(extend, str) and extend == "default" else \
+        D.load_calibration(extend, "calibrate_warnings(extend=...)")
+    return D.extend_calibration(D.pick_calibration(base, own.interval), own)

@@ -14,7 +14,7 @@ labels come from the loss, never from the role); the Monitor records at ``every=
 ``every=10`` is evaluated on the same histories subsampled to steps ``% 10 == 0`` (what a Monitor with
 ``every=10`` logs, since probes never change training).
 
-Mechanisms (quick scale: a 2-layer proxy of width 32, byte-level text, 450 steps, 3 seeds):
+Mechanisms (quick scale: a 2-layer proxy of width 32, byte-level text, 450 steps, 6 seeds):
 
 - ``attn_logit_growth``: no qk-layernorm, LR raised slowly (linear ramp over ~420 steps) past the critical
   LR; clipping on.
@@ -26,17 +26,24 @@ Mechanisms (quick scale: a 2-layer proxy of width 32, byte-level text, 450 steps
   (the source of ``spiked_recovered`` runs; the jump itself cannot be forecast before it happens).
 - ``hf_gpt2``: a Hugging Face GPT-2 (``GPT2LMHeadModel`` from a config) under the slow ramp, clipping on.
 
-``evaluate`` calibrates the detector (``stabilitylab.detectors``) on some runs and measures it on others:
-held-out seeds (calibrate on the lower seeds of every mechanism, test on the highest seed) and each
-mechanism held out in turn (calibrate on the others). The detector's settings (``margin``,
-``min_metrics``, ``persist``) are picked from a small grid by leave-one-mechanism-out *inside* the calibration runs,
-so the tested runs never choose anything. The last ``CENSOR`` (100) steps of runs that did not diverge are
-neither judged nor used for thresholds (``horizon``). ``build --seeds`` trains the same definition on other
-seeds: the structural defaults (window, ``min_points``, ``sustain``, ``accel``, the grid) were chosen on such a
-development build (seeds 10-12), never on the reported seeds 0-2.
+``evaluate`` calibrates the detector (``stabilitylab.detectors``) on some runs and measures it on others
+(``splits``): each seed held out in turn (calibrate on the other seeds of every mechanism), each mechanism
+held out in turn (calibrate on the others), and each mechanism and seed held out with the mechanism's own
+lowest-LR stable runs on the other seeds added to the calibration (what recalibrating on your own model buys).
+The detector's settings (``margin``, ``min_metrics``, ``persist``) are either fixed (``settings_from``: the
+reported results take the ones a development build on seeds 10-12 chose) or picked from a small grid by
+leave-one-mechanism-out *inside* each split's calibration runs, so the tested runs never choose anything.
+The last ``CENSOR`` (100) steps of runs that did not diverge are neither judged nor used for thresholds
+(``horizon``). A divergence is *reachable* when no abrupt change of the schedule (``abrupt_changes``: an LR
+jump, a block unfrozen, a data switch) came in the 50 steps before it: only then can the run's own signals
+give a 50-step lead. ``build --seeds`` trains the same definition on other seeds: the structural defaults
+(window, ``min_points``, ``sustain``, ``accel``, the grid, the fixed settings) were chosen on such a
+development build (seeds 10-12), never on the reported seeds.
 
 Version 2 (this one) differs from v1 in its LRs (unstable runs diverge later, median step ~277, so leads of
-100+ steps are possible) and in the second control per mechanism (72 runs instead of 54).
+100+ steps are possible) and in the second control per mechanism. Its quick scale trains 6 seeds (144 runs;
+it trained seeds 0-2, 72 runs, when v2 was introduced: those runs are unchanged), because with 3 seeds one
+held-out seed's result moved by 10-20 points per mechanism between builds.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,8 +79,10 @@ GOALS = {"warned_50_share": (">=", 0.8), "median_lead": (">=", 100), "stable_war
          "fa_steps_stable": ("<=", 5e-4), "fa_steps_spiked": ("<=", 5e-4)}
 #: Steps at the end of a run that did not diverge that are not judged (``horizon``): the labels' patience.
 CENSOR = int(OUTCOME_DEFINITION["patience"])
-#: Threshold margins of the lead-time vs false-alarm curve (held-out seed split, first ``every``).
+#: Threshold margins of the lead-time vs false-alarm curve (each seed held out, first ``every``).
 TRADEOFF_MARGINS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+#: A logged LR at least this many times the previous one is an abrupt change (``abrupt_changes``).
+ABRUPT_LR_FACTOR = 1.5
 
 
 def ramp(steps: int, start: float = 0.01, warm: float = 0.03) -> str:
@@ -154,7 +164,8 @@ def _mechanisms(steps: int, hi: float = 1.0) -> tuple[Mechanism, ...]:
 
 SCALES: dict[str, BenchScale] = {
     "quick": BenchScale(name="quick", size={"name": "w32_L2", "d_model": 32, "n_layers": 2, "head_dim": 16},
-                        steps=450, batch_size=8, seq_len=32, seeds=(0, 1, 2), mechanisms=_mechanisms(450)),
+                        steps=450, batch_size=8, seq_len=32, seeds=(0, 1, 2, 3, 4, 5),
+                        mechanisms=_mechanisms(450)),
     "full": BenchScale(name="full", size={"name": "w128_L4", "d_model": 128, "n_layers": 4, "head_dim": 32},
                        steps=2000, batch_size=32, seq_len=128, seeds=(0, 1, 2, 3), mechanisms=_mechanisms(2000, 0.5)),
 }
@@ -319,19 +330,42 @@ def load_benchmark(path: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]
     return runs, history[history["run_id"].isin(runs["run_id"])]
 
 
+def abrupt_changes(lr_steps: Sequence[int], lr_values: Sequence[float], run: Mapping[str, Any] | None = None,
+                   factor: float = ABRUPT_LR_FACTOR) -> list[int]:
+    """Steps of abrupt changes of a run's schedule: a logged LR at least ``factor`` x the previous logged one
+    after a steady stretch (the change before it under half as large, so a step-up or a spike counts and the
+    first steps of a warm-up from ~0, where the LR doubles but so it did the step before, do not), and a block
+    unfrozen (``freeze_until``) or a data switch (``data_switch_step``) when the run's config has them."""
+    x = [float(v) for v in lr_values]
+    out = [int(lr_steps[i]) for i in range(2, len(x))
+           if x[i - 1] > 0 and x[i] >= factor * x[i - 1] and x[i - 1] < (1 + (factor - 1) / 2) * x[i - 2]]
+    for key in ("freeze_until", "data_switch_step"):
+        v = (run or {}).get(key)
+        if v is not None and not pd.isna(v) and int(v) > 0:
+            out.append(int(v))
+    return sorted(out)
+
+
 def label_runs(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: ``run_id, mechanism, role, lr, seed, outcome, diverge_step, n_spikes, steps_logged``."""
-    loss = history[history["metric"] == M.LOSS].sort_values(["run_id", "step"])
-    by = dict(tuple(loss.groupby("run_id", sort=False)))
+    """One row per run: ``run_id, mechanism, role, lr, seed, outcome, diverge_step, n_spikes, steps_logged,
+    last_change`` (the last abrupt change of the schedule at or before the divergence step, ``abrupt_changes``;
+    NaN if none or the run did not diverge)."""
+    by = {m: dict(tuple(g.groupby("run_id", sort=False))) for m, g in
+          history[history["metric"].isin([M.LOSS, "lr"])].sort_values(["run_id", "step"]).groupby("metric")}
     rows = []
-    for r in runs.itertuples(index=False):
-        h = by.get(r.run_id)
+    for r in runs.to_dict("records"):
+        h = by.get(M.LOSS, {}).get(r["run_id"])
         if h is None:
             continue
         o = D.label_outcome(h["step"].to_numpy(), h["value"].to_numpy(dtype=float), **OUTCOME_DEFINITION)
-        rows.append({"run_id": r.run_id, "mechanism": r.mechanism, "role": r.role, "lr": r.lr, "seed": r.seed,
+        lr = by.get("lr", {}).get(r["run_id"])
+        changes = abrupt_changes(lr["step"].tolist(), lr["value"].tolist(), r) if lr is not None else \
+            abrupt_changes([], [], r)
+        before = [c for c in changes if c <= o.diverge_step]  # empty unless diverged (NaN compares False)
+        rows.append({"run_id": r["run_id"], "mechanism": r["mechanism"], "role": r["role"], "lr": r["lr"],
+                     "seed": r["seed"],
                      "outcome": o.label, "diverge_step": o.diverge_step, "n_spikes": len(o.spike_steps),
-                     "steps_logged": len(h)})
+                     "steps_logged": len(h), "last_change": float(before[-1]) if before else math.nan})
     return pd.DataFrame(rows)
 
 
@@ -380,7 +414,8 @@ def _measure(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.Detect
                      "steps_left_hi": w.steps_left_hi if w else math.nan,
                      "covered": bool(w is not None and w.steps_left_lo <= lead <= w.steps_left_hi)
                      if r["outcome"] == "diverged" else None,
-                     "alarm_steps": len(det.alarm_steps), "judged_steps": judged})
+                     "alarm_steps": len(det.alarm_steps), "judged_steps": judged,
+                     "last_change": float(r.get("last_change", math.nan))})
     return summarise(pd.DataFrame(rows), min_lead), rows
 
 
@@ -390,6 +425,10 @@ def summarise(per_run: pd.DataFrame, min_lead: int = 50) -> dict[str, Any]:
     stable = per_run[per_run["outcome"] == "stable"]
     spiked = per_run[per_run["outcome"] == "spiked_recovered"]
     warned = div[div["lead_steps"].notna()]
+    # A lead of min_lead is possible only if the schedule did not change abruptly in the min_lead steps before
+    # the divergence (what comes after an LR spike or a step-up is not in the run's signals before it).
+    last = div["last_change"] if "last_change" in div else pd.Series(math.nan, index=div.index)
+    reach = div[~(last > div["diverge_step"] - min_lead)]
 
     def rate(df: pd.DataFrame) -> float:
         return float(df["alarm_steps"].sum() / df["judged_steps"].sum()) if len(df) and df["judged_steps"].sum() else math.nan
@@ -398,6 +437,8 @@ def summarise(per_run: pd.DataFrame, min_lead: int = 50) -> dict[str, Any]:
         "n_runs": len(per_run), "n_diverged": len(div), "n_stable": len(stable), "n_spiked": len(spiked),
         "warned_50_share": float((div["lead_steps"] >= min_lead).mean()) if len(div) else math.nan,
         "warned_any_share": float(div["lead_steps"].notna().mean()) if len(div) else math.nan,
+        "reachable_share": float(len(reach) / len(div)) if len(div) else math.nan,
+        "warned_50_reachable_share": float((reach["lead_steps"] >= min_lead).mean()) if len(reach) else math.nan,
         "median_lead": float(warned["lead_steps"].median()) if len(warned) else math.nan,
         "stable_warned_share": float(stable["first_warning"].notna().mean()) if len(stable) else math.nan,
         "fa_steps_stable": rate(stable), "fa_steps_spiked": rate(spiked),
@@ -453,31 +494,67 @@ def choose_settings(ids: list[str], outcomes: pd.DataFrame, scored: dict, base: 
     return replace(base, **grid[best]), results
 
 
-def splits(outcomes: pd.DataFrame) -> list[tuple[str, list[str], list[str]]]:
-    """``(name, calibration ids, test ids)``: held-out seed, then each mechanism held out."""
-    top = outcomes["seed"].max()
-    out = [("held-out seed", list(outcomes.loc[outcomes["seed"] != top, "run_id"]),
-            list(outcomes.loc[outcomes["seed"] == top, "run_id"]))]
-    for m in sorted(outcomes["mechanism"].unique()):
-        out.append((f"held-out {m}", list(outcomes.loc[outcomes["mechanism"] != m, "run_id"]),
+def splits(outcomes: pd.DataFrame) -> list[tuple[str, str, list[str], list[str]]]:
+    """``(name, kind, calibration ids, test ids)`` of the held-out evaluation:
+
+    - kind ``seed``: each seed held out in turn, the runs of the other seeds calibrate;
+    - kind ``mechanism``: each mechanism held out in turn, the other mechanisms calibrate;
+    - kind ``own`` (2+ seeds): each mechanism and seed held out, with the other mechanisms *and* the held-out
+      mechanism's lowest-LR runs that did not diverge, on the other seeds, calibrating: a user who recalibrates
+      on a few stable runs of their own model at a lower LR.
+    """
+    seeds = sorted(outcomes["seed"].unique())
+    out = [(f"held-out seed {seed}", "seed", list(outcomes.loc[outcomes["seed"] != seed, "run_id"]),
+            list(outcomes.loc[outcomes["seed"] == seed, "run_id"])) for seed in seeds] if len(seeds) > 1 else []
+    mechs = sorted(outcomes["mechanism"].unique())
+    for m in mechs:
+        out.append((f"held-out {m}", "mechanism", list(outcomes.loc[outcomes["mechanism"] != m, "run_id"]),
                     list(outcomes.loc[outcomes["mechanism"] == m, "run_id"])))
+    if len(mechs) > 1 and outcomes["seed"].nunique() > 1:
+        for m in mechs:
+            om = outcomes[outcomes["mechanism"] == m]
+            low = om[(om["lr"] == om["lr"].min()) & (om["outcome"] != "diverged")]
+            for seed in sorted(om["seed"].unique()):
+                out.append((f"held-out {m} seed {seed}, own low-LR runs", "own",
+                            list(outcomes.loc[outcomes["mechanism"] != m, "run_id"])
+                            + list(low.loc[low["seed"] != seed, "run_id"]),
+                            list(om.loc[om["seed"] == seed, "run_id"])))
     return out
 
 
+def fixed_settings(settings_from: Any, every: int) -> dict[str, Any]:
+    """The ``margin`` / ``min_metrics`` / ``persist`` a calibration (file) carries for a logging interval."""
+    cal = D.pick_calibration(D.load_calibration(settings_from, "settings_from"), every)
+    if not cal.settings:
+        raise ValueError(f"settings_from: its calibration for every={every} carries no settings; write one with "
+                         "`stabilitylab warnings evaluate DEV_STORE --calibration-out FILE` (which chooses them)")
+    return {k: cal.settings[k] for k in D.ADOPTABLE if k in cal.settings}
+
+
+#: Pooled rows of the summary: name -> (split kind, mechanism kind: None = all, else ``Mechanism.abrupt``).
+POOLS = {"each seed held out": ("seed", None), "all mechanisms held out": ("mechanism", None), "gradual mechanisms held out": ("mechanism", False),
+         "abrupt-change mechanisms held out": ("mechanism", True),
+         "each mechanism held out, its own low-LR runs calibrate": ("own", None)}
+
+
 def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D.DetectorConfig | None = None,
-             grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR) -> dict[str, Any]:
+             grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR, settings_from: Any = None) -> dict[str, Any]:
     """Measure the early warning on a benchmark folder or any sweep store (see the module docstring).
 
     ``censor``: steps at the end of each run that did not diverge that are neither judged nor used for
-    thresholds (``horizon``).
+    thresholds (``horizon``). ``settings_from``: a calibration (``Calibration``, ``{interval: Calibration}``,
+    or the JSON file ``--calibration-out`` writes, e.g. of a development build) whose ``settings`` fix
+    ``margin`` / ``min_metrics`` / ``persist`` per logging interval for every split, instead of choosing them
+    on each split's calibration runs from ``grid``.
 
     Returns:
-        ``{"summary": DataFrame (one row per every x split, plus "all mechanisms held out" pooling each
-        mechanism's held-out result, and on a benchmark folder the same pooled over the gradual and over the
-        abrupt-change mechanisms, ``Mechanism.abrupt``), "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
-        "tradeoff": DataFrame (the held-out-seed result per threshold margin), "calibrations": {every:
-        the calibration on every run at that logging interval, carrying the ``settings`` that
-        leave-one-mechanism-out over every run chooses} (what the shipped defaults are),
+        ``{"summary": DataFrame (one row per every x mechanism held out, plus the ``POOLS`` rows: each seed's
+        held-out result pooled, each mechanism's held-out result pooled, on a benchmark folder the same over the gradual and over the
+        abrupt-change mechanisms, ``Mechanism.abrupt``, and the ``own`` splits pooled, see ``splits``),
+        "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
+        "tradeoff": DataFrame (the each-seed-held-out result per threshold margin, the split's other settings), "calibrations": {every:
+        the calibration on every run at that logging interval, carrying the settings that
+        leave-one-mechanism-out over every run chooses, or the fixed ones} (what the shipped defaults are),
         "calibration": the one at every=1 (else the smallest every), "meta": {...}}``.
     """
     base = base or D.DetectorConfig()
@@ -489,44 +566,54 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     summary, per_run = [], []
     full_cal: dict[int, D.Calibration] = {}
     tradeoff = pd.DataFrame()
+    kinds = {m.name: m.abrupt for sc in SCALES.values() for m in sc.mechanisms}
+    mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
     for every in everys:
+        fixed = replace(base, **fixed_settings(settings_from, every)) if settings_from is not None else None
         steps = run_steps(history, every)
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in set(outcomes["run_id"])}
-        held_rows: list[dict[str, Any]] = []
-        for name, cal_ids, test_ids in splits(outcomes):
+        pools: dict[str, list[dict[str, Any]]] = {"seed": [], "mechanism": [], "own": []}
+        tradeoff_rows: list[dict[str, Any]] = []
+        chosen_for: dict[str, D.DetectorConfig] = {}
+        for name, kind, cal_ids, test_ids in splits(outcomes):
             if not test_ids or not cal_ids:
                 continue
-            cfg = choose_settings(cal_ids, outcomes, scored, base, grid, censor)[0] if grid else base
+            mech = mechanism_of[test_ids[0]] if kind != "seed" else ""
+            if fixed is not None:
+                cfg = fixed
+            elif kind == "own":  # the settings chosen with the mechanism held out altogether
+                cfg = chosen_for[mech]
+            else:
+                cfg = choose_settings(cal_ids, outcomes, scored, base, grid, censor)[0] if grid else base
+            chosen_for[mech] = cfg
             cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}", censor)
             s, rows = _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)
-            summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
-                            "persist": cfg.persist, **s})
+            if kind == "seed" and every == everys[0]:  # the trade-off: the same split, per threshold margin
+                tradeoff_rows += [{"margin": m, "rows": _measure(test_ids, outcomes, scored, replace(cfg, margin=m),
+                                                                 cal, censor=censor)[1]} for m in TRADEOFF_MARGINS]
+            if kind == "mechanism":
+                summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
+                                "persist": cfg.persist, **s})
             for r in rows:
-                r.update(every=every, split=name)
+                r.update(every=every, split=name, kind=kind)
             per_run += rows
-            if name.startswith("held-out ") and name != "held-out seed":
-                held_rows += rows
-        if held_rows:
-            pooled = [("all mechanisms held out", held_rows)]
-            kinds = {m.name: m.abrupt for sc in SCALES.values() for m in sc.mechanisms}
-            if all(r["mechanism"] in kinds for r in held_rows):
-                for kind, abrupt in (("gradual", False), ("abrupt-change", True)):
-                    rows = [r for r in held_rows if kinds[r["mechanism"]] == abrupt]
-                    if rows:
-                        pooled.append((f"{kind} mechanisms held out", rows))
-            for name, rows in pooled:
-                summary.append({"every": every, "split": name, "margin": math.nan, "min_metrics": math.nan,
-                                "persist": math.nan, **summarise(pd.DataFrame(rows))})
-        name, cal_ids, test_ids = splits(outcomes)[0]
-        if every == everys[0] and cal_ids and test_ids:
-            cal = _calibrate(cal_ids, outcomes, scored, base, name, censor)
-            tradeoff = pd.DataFrame([{"every": every, "split": name, "margin": m,
-                                      **_measure(test_ids, outcomes, scored, replace(base, margin=m), cal,
-                                                 censor=censor)[0]}
+            pools.get(kind, []).extend(rows)
+        for pool, (kind, abrupt) in POOLS.items():
+            rows = [r for r in pools[kind] if abrupt is None or kinds.get(r["mechanism"]) is abrupt]
+            if abrupt is not None and not all(r["mechanism"] in kinds for r in pools[kind]):
+                rows = []  # gradual / abrupt pools only on a benchmark folder
+            if rows:
+                summary.append({"every": every, "split": pool, "margin": fixed.margin if fixed else math.nan,
+                                "min_metrics": fixed.min_metrics if fixed else math.nan,
+                                "persist": fixed.persist if fixed else math.nan, **summarise(pd.DataFrame(rows))})
+        if tradeoff_rows:
+            tradeoff = pd.DataFrame([{"every": every, "split": "each seed held out", "margin": m,
+                                      **summarise(pd.DataFrame([r for t in tradeoff_rows if t["margin"] == m
+                                                                for r in t["rows"]]))}
                                      for m in TRADEOFF_MARGINS])
         ids = list(outcomes["run_id"])
-        chosen = base
-        if grid and outcomes["mechanism"].nunique() > 1:  # the settings a calibration on every run carries
+        chosen = fixed or base
+        if fixed is None and grid and outcomes["mechanism"].nunique() > 1:  # the settings a calibration on every run carries
             chosen = choose_settings(ids, outcomes, scored, base, grid, censor)[0]
         cal = _calibrate(ids, outcomes, scored, chosen,
                          f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}", censor)
@@ -540,8 +627,9 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
             "outcomes": outcomes, "tradeoff": tradeoff,
             "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
                                                                          for k, v in asdict(base).items()},
-                     "grid": list(grid), "outcome_definition": OUTCOME_DEFINITION, "censor": censor,
-                     "evaluate_wall_s": round(time.time() - t0, 1)}}
+                     "grid": list(grid) if fixed is None else [], "censor": censor,
+                     "settings": "fixed" if settings_from is not None else "chosen per split",
+                     "outcome_definition": OUTCOME_DEFINITION, "evaluate_wall_s": round(time.time() - t0, 1)}}
 
 
 
@@ -565,9 +653,17 @@ def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tu
     parts += [Table(result["composition"], "Composition (runs per mechanism and outcome)", level=2),
               Heading("Held-out results"),
               Paragraph("Goals: warned >= 50 steps ahead >= 0.8, median lead >= 100 steps, stable runs warned <= 0.05, "
-                        "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. `margin` / `min_metrics` / "
-                        "`persist` were chosen on the calibration runs only (leave-one-mechanism-out inside them, by "
-                        "Youden's J: warned >= 50 share minus stable-warned share). The last "
+                        "false-alarm steps on stable / spiked-and-recovered runs <= 0.0005. "
+                        + ("`margin` / `min_metrics` / `persist` were fixed for every split (`--settings-from`: "
+                           "chosen on other runs, e.g. a development build). "
+                           if result["meta"].get("settings") == "fixed" else
+                           "`margin` / `min_metrics` / `persist` were chosen on the calibration runs only "
+                           "(leave-one-mechanism-out inside them, by Youden's J: warned >= 50 share minus "
+                           "stable-warned share). ")
+                        + "`reachable_share`: divergences with no abrupt change of the schedule (an LR at least "
+                        f"{ABRUPT_LR_FACTOR:g}x the previous step's, a block unfrozen, a data switch) in the 50 steps "
+                        "before them, so that a 50-step lead is possible from the run's own signals; "
+                        "`warned_50_reachable_share` is the warned >= 50 share among those. The last "
                         f"{result['meta'].get('censor', CENSOR)} steps of runs that did not diverge are neither judged "
                         "nor used for thresholds: whether a run diverges after them is unknown (a run that ends while "
                         "heading for divergence is labelled stable).")]
@@ -576,18 +672,18 @@ def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tu
                                                                         else "no"))
     parts.append(Table(s, "Summary (goals met: the *_ok columns)"))
     pr = result["per_run"]
-    held = pr[pr["split"].str.startswith("held-out ") & (pr["split"] != "held-out seed") & pr["first_warning"].notna()]
+    held = pr[(pr["kind"] == "mechanism") & pr["first_warning"].notna()]
     burn = result["meta"]["detector"]["burn_in"]
     parts.append(Bullets([f"every={every}: {float((g['first_warning'] <= burn + every).mean()):.0%} of the first "
                           f"warnings (mechanism held out) came on the first step the burn-in ({burn} steps) allows: "
                           "those runs' signals already grew faster than on any calibration run when the detector "
                           "started to look." for every, g in held.groupby("every")]))
-    tradeoff = "Lead time vs false alarms (held-out seed, per threshold margin)"
+    tradeoff = "Lead time vs false alarms (each seed held out, per threshold margin)"
     if len(result["tradeoff"]):
         parts.append(Table(result["tradeoff"], tradeoff, level=2))
     else:
         parts += [Heading(tradeoff), Paragraph("(no held-out seed split: the store has runs of one seed only)")]
-    d = pr[(pr["outcome"] == "diverged") & (pr["split"].str.startswith("held-out ")) & (pr["split"] != "held-out seed")]
+    d = pr[(pr["outcome"] == "diverged") & (pr["kind"] == "mechanism")]
     cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
             "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
     parts.append(Table(d[cols], "Diverged runs, mechanism held out", level=2, collapse_rows=40))
@@ -629,7 +725,7 @@ def _build_cmd(args: argparse.Namespace) -> int:
 def _evaluate_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = evaluate(args.store, everys=tuple(args.every), censor=args.censor)
+        res = evaluate(args.store, everys=tuple(args.every), censor=args.censor, settings_from=args.settings_from)
     meta_file = Path(args.store) / "benchmark.json"
     build_meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     md = markdown(res, build_meta)
@@ -645,6 +741,22 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
         from stabilitylab.studies.warnings_report import write_warnings_report
 
         print(f"report: {write_warnings_report(args.store, res, args.report, build_meta)}")
+    return 0
+
+
+def _calibrate_cmd(args: argparse.Namespace) -> int:
+    from stabilitylab.analysis.early_warning import calibrate_warnings
+
+    runs, history = load_benchmark(args.store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        cals = {e: calibrate_warnings(runs, history, every=e, extend=args.extend, censor=args.censor,
+                                      source=f"{args.store}, every={e}") for e in args.every}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(D.calibrations_to_dict(cals), indent=1) + "\n")
+    for e, cal in cals.items():
+        print(f"every={e}: {cal.source}; settings {dict(cal.settings) or 'none (EarlyWarning defaults)'}")
+    print(f"calibration: {args.out}  (EarlyWarning(calibration={str(args.out)!r}))")
     return 0
 
 
@@ -670,10 +782,24 @@ def add_parser(sub) -> None:
     e.add_argument("--censor", type=int, default=CENSOR,
                    help=f"steps at the end of runs that did not diverge that are not judged (default {CENSOR}: "
                         "the labels' patience)")
+    e.add_argument("--settings-from", default=None, metavar="CALIBRATION_JSON",
+                   help="fix margin / min_metrics / persist per --every to the settings this calibration file "
+                        "carries (e.g. a development build's --calibration-out) instead of choosing them per split")
     e.add_argument("--json", default=None, help="also write the results as JSON here")
     e.add_argument("--md", default=None, help="also write the markdown here")
     e.add_argument("--calibration-out", default=None,
                    help="write the calibrations on every run, one per --every (JSON), for EarlyWarning(calibration=...)")
     e.add_argument("--report", default=None, help="write an HTML report with the figures to this folder")
     e.set_defaults(func=_evaluate_cmd)
+    c = wsub.add_parser("calibrate", help="fit the warning's thresholds to your own runs and write a calibration file")
+    c.add_argument("store", help="a sweep store (or benchmark folder) with Monitor histories, incl. the loss")
+    c.add_argument("--out", required=True, help="calibration JSON to write (EarlyWarning(calibration=FILE))")
+    c.add_argument("--every", type=int, nargs="+", default=list(EVERIES),
+                   help="logging intervals to calibrate for, by subsampling the histories (default 1 10)")
+    c.add_argument("--extend", default=None, metavar="default|CALIBRATION_JSON",
+                   help="keep this calibration's thresholds as a floor (`default`: the shipped ones), so your "
+                        "stable runs only raise them; the result carries its settings")
+    c.add_argument("--censor", type=int, default=0,
+                   help="steps at the end of runs that did not diverge left out of the thresholds (default 0)")
+    c.set_defaults(func=_calibrate_cmd)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -28,12 +28,11 @@ def write_warnings_report(path: str | os.PathLike, result: dict[str, Any], out: 
     _, history = load_benchmark(path)
     pr = result["per_run"]
     first = pr["every"].min() if len(pr) else 1
-    held = pr[(pr["every"] == first) & pr["split"].str.startswith("held-out ") & (pr["split"] != "held-out seed")
-              & (pr["outcome"] == "diverged")].sort_values(["mechanism", "lr", "seed"])
+    held = pr[(pr["every"] == first) & (pr["kind"] == "mechanism") & (pr["outcome"] == "diverged")].sort_values(["mechanism", "lr", "seed"])
     figs = {"warning_timelines": ("diverged runs (mechanism held out): leading signal, warning, forecast band, divergence",
                                   plots.warning_timelines(history, held))}
     if len(result["tradeoff"]):
-        figs["warning_tradeoff"] = ("lead time vs false alarms (held-out seed, per threshold margin)",
+        figs["warning_tradeoff"] = ("lead time vs false alarms (each seed held out, per threshold margin)",
                                     plots.warning_tradeoff(result["tradeoff"]))
     title, parts = page(result, build_meta)
     parts += [Heading("Figures"), *(FigureFile(Path(plots.save(fig, out / f"{name}.png", dpi=100)), caption,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from stabilitylab import Monitor
+from stabilitylab import detectors as D
 from stabilitylab.analysis import EarlyWarning, divergence_step, evaluate_warnings
 from stabilitylab.analysis.early_warning import calibrate_warnings, mann_kendall, robust_z
 from stabilitylab.proxy import ProxyConfig, TrainConfig, train_one
@@ -161,7 +163,6 @@ def test_bad_arguments_name_the_argument(tmp_path):
 
 
 def test_probe_defaults_to_the_shipped_calibrations_and_loads_a_mapping_file(tmp_path):
-    from stabilitylab import detectors as D
 
     ew = EarlyWarning()
     assert ew.calibrations is D.DEFAULT_CALIBRATIONS and ew.detector.calibrations is D.DEFAULT_CALIBRATIONS
@@ -190,7 +191,6 @@ def test_probe_defaults_to_the_shipped_calibrations_and_loads_a_mapping_file(tmp
 
 
 def test_probe_adopts_calibration_settings_it_was_not_given():
-    from stabilitylab import detectors as D
 
     cal = D.Calibration(thresholds={"attn.max_logit": 1.0}, settings={"margin": 2.5, "min_metrics": 1, "persist": 7})
     ew = EarlyWarning(calibration=cal)
@@ -201,3 +201,58 @@ def test_probe_adopts_calibration_settings_it_was_not_given():
     d = D.DetectorConfig()
     assert (ew.detector.config.margin, ew.detector.config.min_metrics, ew.detector.config.persist) == \
         (d.margin, d.min_metrics, d.persist)
+
+
+def test_extend_calibration_takes_the_larger_finite_threshold_per_metric_and_bin():
+    inf = math.inf
+    base = D.Calibration(thresholds={"a": [1.0, 5.0, 2.0], "b": 3.0, "c": inf, "only_base": [4.0]}, bin_steps=50,
+                         level_at_divergence={"a": 9.0, "b": 1.0}, ratio_lo=0.2, ratio_hi=4.0, fallback_lead=80,
+                         settings={"margin": 1.0, "min_metrics": 2, "persist": 0}, source="bench", interval=1)
+    own = D.Calibration(thresholds={"a": [2.0, 1.0, 1.0, 7.0], "b": [1.0, 6.0], "c": 0.5, "only_own": inf},
+                        bin_steps=50, interval=10, source="mine")
+    got = D.extend_calibration(base, own)
+    # by hand: pad the shorter list with its last value, broadcast numbers, ignore inf unless both are inf
+    assert got.thresholds == {"a": [2.0, 5.0, 2.0, 7.0], "b": [3.0, 6.0], "c": 0.5, "only_base": [4.0],
+                              "only_own": inf}
+    assert got.interval == 10 and got.bin_steps == 50 and dict(got.settings) == dict(base.settings)
+    # own saw no divergence: base's forecast constants
+    assert (got.ratio_lo, got.ratio_hi, got.fallback_lead) == (0.2, 4.0, 80)
+    assert dict(got.level_at_divergence) == {"a": 9.0, "b": 1.0} and got.source == "mine, extending bench"
+    seen = replace(own, level_at_divergence={"a": 7.0}, ratio_lo=0.5, ratio_hi=2.0, fallback_lead=40)
+    got = D.extend_calibration(base, seen)
+    assert (got.ratio_lo, got.ratio_hi, got.fallback_lead) == (0.5, 2.0, 40)
+    assert dict(got.level_at_divergence) == {"a": 7.0, "b": 1.0}
+    with pytest.raises(ValueError, match="envelope=50"):
+        D.extend_calibration(base, replace(own, bin_steps=20))
+
+
+def test_calibrate_warnings_extends_the_defaults_and_censors_the_end_of_stable_runs():
+    seeds = range(30, 33)
+    hist = pd.concat([_history(f"c{i}", 60, every=10, seed=i) for i in seeds], ignore_index=True)
+    runs = pd.DataFrame({"run_id": [f"c{i}" for i in seeds]})
+    own = calibrate_warnings(runs, hist, every=10)
+    ext = calibrate_warnings(runs, hist, every=10, extend="default")
+    base = D.DEFAULT_CALIBRATIONS[10]  # the runs log every 10 steps: the every=10 default is the floor
+    assert ext.interval == own.interval == 10 and dict(ext.settings) == dict(base.settings)
+    assert ext.thresholds == D.extend_calibration(base, own).thresholds
+    for m, t in ext.thresholds.items():
+        for i, v in enumerate(t):
+            floor = base.thresholds.get(m, [math.inf])
+            assert v >= min(floor[min(i, len(floor) - 1)], v)  # never below the default where it is finite
+    # censor: a stable run whose last logged steps grow fast (cut before it could diverge) raises the
+    # thresholds unless its last steps are left out
+    tail = _history("t", 60, every=10, blow_at=48, seed=40)
+    tail = tail[tail["step"] < 580]  # ends before the loss explodes: labelled stable
+    both = pd.concat([hist, tail], ignore_index=True)
+    runs2 = pd.DataFrame({"run_id": [*runs["run_id"], "t"]})
+    loose = calibrate_warnings(runs2, both, every=10, envelope=0)
+    cut = calibrate_warnings(runs2, both, every=10, envelope=0, censor=120)
+    # by hand: drop each run's steps after (its last step - 120); a score only looks back, so nothing else changes
+    last = both.groupby("run_id")["step"].transform("max")
+    by_hand = calibrate_warnings(runs2, both[both["step"] <= last - 120], every=10, envelope=0)
+    assert cut.thresholds == by_hand.thresholds
+    assert loose.thresholds["attn.max_logit"] > cut.thresholds["attn.max_logit"]
+    with pytest.raises(ValueError, match="censor"):
+        calibrate_warnings(runs, hist, censor=-1)
+    with pytest.raises(ValueError, match="every"):
+        calibrate_warnings(runs, hist, every=0)

@@ -77,8 +77,9 @@ def test_evaluate_reports_every_split_at_every_1_and_10(mini):
     res = W.evaluate(out, grid=W.GRID[:2], censor=20)
     s = res["summary"]
     assert set(s["every"]) == {1, 10}
-    assert set(s["split"]) == {"held-out seed", "held-out attn_logit_growth", "held-out hf_gpt2",
-                               "all mechanisms held out", "gradual mechanisms held out"}
+    assert set(s["split"]) == {"each seed held out", "held-out attn_logit_growth", "held-out hf_gpt2",
+                               "all mechanisms held out", "gradual mechanisms held out",
+                               "each mechanism held out, its own low-LR runs calibrate"}
     pr = res["per_run"]
     d = pr[pr["lead_steps"].notna()]
     assert (d["lead_steps"] == d["diverge_step"] - d["first_warning"]).all()
@@ -94,14 +95,26 @@ def test_evaluate_reports_every_split_at_every_1_and_10(mini):
     held = pr[(pr["every"] == 1) & pr["split"].isin(["held-out attn_logit_growth", "held-out hf_gpt2"])]
     assert pooled["n_runs"] == len(held) == 8
     assert pooled["n_diverged"] == (held["outcome"] == "diverged").sum()
+    # the own-runs pool: each (mechanism, seed) held out once, so every run is tested once in it
+    own = pr[(pr["every"] == 1) & (pr["kind"] == "own")]
+    assert sorted(own["run_id"]) == sorted(held["run_id"])
+    own_row = s[(s["split"] == "each mechanism held out, its own low-LR runs calibrate") & (s["every"] == 1)].iloc[0]
+    assert own_row["n_runs"] == 8 and own_row["n_diverged"] == (own["outcome"] == "diverged").sum()
+    # slow ramps: no abrupt change, so every divergence is reachable
+    assert pooled["reachable_share"] == 1.0 and pooled["warned_50_reachable_share"] == pooled["warned_50_share"]
     assert set(res["tradeoff"]["margin"]) == set(W.TRADEOFF_MARGINS)
     # the calibration on every run carries the settings chosen on every run (two mechanisms: LOMO possible)
     for cal in res["calibrations"].values():
         assert set(cal.settings) == set(D.ADOPTABLE) and dict(cal.settings) in [dict(g) for g in W.GRID[:2]]
     assert res["calibration"].thresholds and "every=1" in res["calibration"].source
-    # any single sweep store works too: here one mechanism, so only the held-out seed split exists
+    # each seed held out: every run tested once, with the runs of the other seed calibrating
+    seeds = pr[(pr["every"] == 1) & (pr["kind"] == "seed")]
+    assert sorted(seeds["run_id"]) == sorted(held["run_id"]) and set(seeds["split"]) == {"held-out seed 0",
+                                                                                         "held-out seed 1"}
+    assert set(res["tradeoff"]["split"]) == {"each seed held out"} and (res["tradeoff"]["n_runs"] == 8).all()
+    # any single sweep store works too: here one mechanism, so only the seed splits exist
     one = W.evaluate(out / "proxy", everys=(1,), grid=(), censor=20)
-    assert set(one["summary"]["split"]) == {"held-out seed"}
+    assert set(one["summary"]["split"]) == {"each seed held out"}
     assert W.markdown(one).startswith("# Early warning on a sweep store\n")
 
 
@@ -119,7 +132,7 @@ def test_cli_help_and_evaluate_on_a_tiny_store(mini, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Held-out results" in printed and md.read_text().strip() == printed.strip().split("\nreport: ")[0].strip()
     data = json.loads(j.read_text())
-    assert {r["split"] for r in data["summary"]} >= {"held-out seed", "all mechanisms held out"}
+    assert {r["split"] for r in data["summary"]} >= {"each seed held out", "all mechanisms held out"}
     assert D.load_calibration(cal)[1].thresholds
     assert (tmp_path / "rep" / "report.html").exists() and (tmp_path / "rep" / "warning_timelines.png").exists()
     assert main(["warnings", "evaluate", str(tmp_path / "nope")]) == 2
@@ -258,10 +271,98 @@ def test_evaluate_returns_one_calibration_per_every_and_the_cli_writes_them(rese
     # every=10 is every=1's history subsampled: its thresholds come from fewer, wider-window slopes
     assert cals[1].thresholds != cals[10].thresholds
     real = W.evaluate
-    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor: real(store, everys=everys, grid=(), censor=censor))
+    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor, settings_from: real(store, everys=everys, grid=(),
+                                                                                           censor=censor))
     path = tmp_path / "cal.json"
     assert main(["warnings", "evaluate", str(out), "--every", "1", "10", "--calibration-out", str(path)]) == 0
     on_disk = json.loads(path.read_text())
     assert set(on_disk) == {"1", "10"}
     loaded = D.load_calibration(path)
     assert loaded == cals
+
+
+def test_abrupt_changes_find_lr_jumps_unfreezing_and_data_switches_but_not_warm_ups():
+    steps = list(range(400))
+    warm = [min(1.0, (s + 1) / 100) for s in steps]  # doubles at step 1, x1.5 at step 2: a ramp, not a jump
+    assert W.abrupt_changes(steps, warm) == []
+    assert W.abrupt_changes(steps, [0.0] + [s / 100 for s in steps[1:]]) == []  # warm-up from exactly 0
+    stepup = [1.0 if s < 150 else 2.0 if s < 250 else 8.0 for s in steps]
+    assert W.abrupt_changes(steps, stepup) == [150, 250]
+    spike = [18.0 if 200 <= s < 210 else 1.0 for s in steps]  # the drop back is not a change that breaks runs
+    assert W.abrupt_changes(steps, spike) == [200]
+    assert W.abrupt_changes(steps, [1.0 if s < 150 else 1.4 for s in steps]) == []  # below the 1.5x factor
+    assert W.abrupt_changes(steps, warm, {"freeze_until": 150, "data_switch_step": 0}) == [150]
+    assert W.abrupt_changes([], [], {"data_switch_step": 300, "freeze_until": float("nan")}) == [300]
+    assert W.abrupt_changes(steps[::10], stepup[::10]) == [150, 250]  # sparse logging finds them too
+
+
+def test_summarise_counts_a_divergence_reachable_only_if_no_abrupt_change_in_the_50_steps_before_it():
+    rows = [  # diverge_step, last_change, lead_steps
+        (300.0, math.nan, 120.0),  # gradual, warned 120 ahead
+        (300.0, 200.0, 60.0),  # change 100 steps before: reachable, warned 60 ahead
+        (300.0, 250.0, math.nan),  # change exactly 50 before: reachable, not warned
+        (300.0, 260.0, 20.0),  # change 40 before: not reachable
+        (210.0, 200.0, math.nan),  # a spike 10 steps before: not reachable
+    ]
+    pr = pd.DataFrame([{"outcome": "diverged", "diverge_step": d, "last_change": c, "lead_steps": lead,
+                        "first_warning": d - lead, "alarm_steps": 0, "judged_steps": 1, "covered": False,
+                        "steps_left_lo": 0.0, "steps_left_hi": 1.0} for d, c, lead in rows])
+    s = W.summarise(pr)
+    assert s["reachable_share"] == pytest.approx(3 / 5)
+    assert s["warned_50_reachable_share"] == pytest.approx(2 / 3)
+    assert s["warned_50_share"] == pytest.approx(2 / 5)
+    assert W.summarise(pr.drop(columns="last_change"))["reachable_share"] == 1.0  # a store without the column
+
+
+def test_own_splits_add_only_the_held_out_mechanisms_low_lr_runs_of_other_seeds():
+    rows = [(f"{m}{lr}{seed}", m, lr, seed, "diverged" if lr == 1.0 or (m == "b" and seed == 1) else "stable")
+            for m in "ab" for lr in (0.1, 0.3, 1.0) for seed in (0, 1, 2)]
+    o = pd.DataFrame([{"run_id": r, "mechanism": m, "lr": lr, "seed": seed, "outcome": out}
+                      for r, m, lr, seed, out in rows])
+    own = [s for s in W.splits(o) if s[1] == "own"]
+    assert len(own) == 6
+    for name, _, cal, test in own:
+        m, seed = name.split(" ")[1], int(name.split(" seed ")[1].split(",")[0])
+        assert sorted(test) == sorted(o.loc[(o.mechanism == m) & (o.seed == seed), "run_id"])
+        extra = set(cal) - set(o.loc[o.mechanism != m, "run_id"])
+        want = o[(o.mechanism == m) & (o.lr == 0.1) & (o.seed != seed) & (o.outcome != "diverged")]
+        assert extra == set(want["run_id"]) and not extra & set(test)
+    assert {s[1] for s in W.splits(o)} == {"seed", "mechanism", "own"}
+    assert {s[1] for s in W.splits(o[o.seed == 0])} == {"mechanism"}  # one seed: no seed or own splits
+
+
+def test_settings_from_fixes_the_settings_of_every_split(mini, tmp_path):
+    out, _ = mini
+    fixed = {"margin": 1.5, "min_metrics": 1, "persist": 10}
+    cals = {1: D.Calibration(thresholds={}, settings=fixed), 10: D.Calibration(thresholds={}, interval=10,
+                                                                               settings={**fixed, "margin": 2.0})}
+    path = tmp_path / "dev.json"
+    path.write_text(json.dumps(D.calibrations_to_dict(cals)))
+    res = W.evaluate(out, censor=20, settings_from=path)
+    s = res["summary"]
+    for every, margin in ((1, 1.5), (10, 2.0)):
+        rows = s[s["every"] == every]
+        assert (rows["margin"] == margin).all() and (rows["min_metrics"] == 1).all() and (rows["persist"] == 10).all()
+        assert dict(res["calibrations"][every].settings) == {**fixed, "margin": margin}
+    assert res["meta"]["settings"] == "fixed" and "fixed for every split" in W.markdown(res)
+    with pytest.raises(ValueError, match="settings_from.*carries no settings"):
+        W.evaluate(out, everys=(1,), censor=20, settings_from=D.Calibration(thresholds={}))
+    with pytest.raises(FileNotFoundError, match="settings_from"):
+        W.evaluate(out, everys=(1,), censor=20, settings_from=tmp_path / "missing.json")
+
+
+def test_cli_calibrate_writes_a_calibration_per_every_that_extends_the_defaults(mini, tmp_path, capsys):
+    out, _ = mini
+    path = tmp_path / "mine.json"
+    assert main(["warnings", "calibrate", str(out / "proxy"), "--out", str(path), "--extend", "default"]) == 0
+    cals = D.load_calibration(path)
+    assert set(cals) == {1, 10} and "EarlyWarning(calibration=" in capsys.readouterr().out
+    from stabilitylab.analysis.early_warning import calibrate_warnings
+
+    runs, history = W.load_benchmark(out / "proxy")
+    for e in (1, 10):
+        want = calibrate_warnings(runs, history, every=e, extend="default")
+        assert cals[e].thresholds == want.thresholds and cals[e].interval == e
+        assert dict(cals[e].settings) == dict(D.DEFAULT_CALIBRATIONS[e].settings)
+    with pytest.raises(SystemExit):
+        main(["warnings", "calibrate", str(out)])  # --out is required
