@@ -32,7 +32,8 @@ A series is *hot* when ``s_t > threshold[metric]`` on every logged step of the l
 A warning is raised when series of at least ``min_metrics`` different metrics have been hot within the
 last ``window`` steps. Thresholds are calibrated (``calibrate``) as ``margin`` x the largest score seen on
 runs that stayed stable (or spiked and recovered), per ``envelope``-step bin of training (and its two
-neighbours), so they follow the schedule the calibration runs share and the false-alarm rate is set by
+neighbours; no bin below ``floor`` = 0.25 x the metric's largest bin, chosen on the development build),
+so they follow the schedule the calibration runs share and the false-alarm rate is set by
 healthy runs, not by each run's own early noise. Window, persistence and
 burn-in are in *steps*, so the same settings apply at every logging interval; the window is widened to span
 at least ``min_points`` logged steps (90 steps at ``every=10``), and thresholds are calibrated per logging
@@ -290,6 +291,9 @@ class DetectorConfig:
     """``calibrate``: 0 gives one threshold per metric (max over all steps after burn-in); ``n > 0`` gives
     one per ``n``-step bin of training (max over that bin and its two neighbours), an envelope that
     follows the schedule shared by the calibration runs."""
+    floor: float = 0.25
+    """``calibrate``: no bin's threshold is below ``floor`` x the metric's largest over all bins (a bin where
+    the calibration runs barely grew would otherwise fire on any noise of a run that differs from them)."""
 
     def __post_init__(self) -> None:
         bad = {m: t for m, t in dict(self.watch).items() if t not in TRANSFORMS}
@@ -306,6 +310,9 @@ class DetectorConfig:
                              "watched; lower min_metrics or watch more metrics")
         if not (isinstance(self.margin, (int, float)) and self.margin > 0):
             raise ValueError(f"DetectorConfig(margin={self.margin!r}): must be a number > 0")
+        if not (isinstance(self.floor, (int, float)) and 0 <= self.floor <= 1):
+            raise ValueError(f"DetectorConfig(floor={self.floor!r}): must be a number in [0, 1] (a fraction of the "
+                             "metric's largest threshold)")
         if not (isinstance(self.sustain, (int, float)) and 0 < self.sustain <= 1):
             raise ValueError(f"DetectorConfig(sustain={self.sustain!r}): must be a number in (0, 1]")
         if not (isinstance(self.accel, (int, float)) and self.accel >= 0):
@@ -603,7 +610,8 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
         last, start = max(bins), min(bins)
         filled = [bins.get(b, 0.0) for b in range(last + 1)]
         # a bin whose neighbourhood never scored on a negative takes the metric's largest score over all bins
-        env = [max(filled[max(start, b - 1):b + 2]) or overall for b in range(start, last + 1)]
+        env = [max(max(filled[max(start, b - 1):b + 2]) or overall, cfg.floor * overall)
+               for b in range(start, last + 1)]
         thr[metric] = [env[0]] * start + env  # bins before the burn-in take the first calibrated value
     levels: dict[str, list[float]] = {}
     for run, dstep in positives:
@@ -683,12 +691,12 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "logits.max": [0.837, 0.837, 0.837, 0.2891, 0.3377, 0.3985, 0.3985],
             "update.ratio": [4.776, 4.776, 4.776, 3.815, 3.143, 3.143, 2.664],
             "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 1.302, 1.306, 1.306],
-            "loss": [0.03059, 0.03059, 0.132, 0.4381, 0.4381, 0.4381, 0.1866],
+            "loss": [0.1095, 0.1095, 0.132, 0.4381, 0.4381, 0.4381, 0.1866],
         },
         bin_steps=50, interval=1, settings={"margin": 1.0, "min_metrics": 2, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.231, "attn.entropy": 5.719, "logits.lse_mean": 4.957, "logits.max": 1.712, "update.ratio": -1.674, "grad.global_norm": 0.03714, "loss": 1.207},
         ratio_lo=0.3752, ratio_hi=6.011, fallback_lead=104,
-        source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
+        source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
     10: Calibration(
         thresholds={
@@ -697,13 +705,13 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "logits.lse_mean": [1.492, 1.492, 1.492, 1.492, 0.8828, 0.5255, 0.5255],
             "logits.max": [0.3092, 0.3092, 0.3092, 0.1896, 0.1896, 0.3092, 0.3092],
             "update.ratio": [3.294, 3.294, 3.294, 3.294, 2.234, 1.881, 1.526],
-            "grad.global_norm": [0.2823, 0.2823, 0.474, 0.5873, 0.7652, 1.701, 1.701],
-            "loss": [0.001619, 0.001619, 0.001619, 0.3092, 0.3092, 0.3092, 0.2607],
+            "grad.global_norm": [0.4253, 0.4253, 0.474, 0.5873, 0.7652, 1.701, 1.701],
+            "loss": [0.07731, 0.07731, 0.07731, 0.3092, 0.3092, 0.3092, 0.2607],
         },
         bin_steps=50, interval=10, settings={"margin": 1.25, "min_metrics": 1, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.323, "logits.lse_mean": 5.067, "logits.max": 1.75, "update.ratio": -1.67, "grad.global_norm": 0.1503, "loss": 1.147},
-        ratio_lo=0.7062, ratio_hi=4.403, fallback_lead=120,
-        source="warnings benchmark v2, 144 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50; tiny proxies and a "
+        ratio_lo=0.7062, ratio_hi=4.403, fallback_lead=119,
+        source="warnings benchmark v2, 144 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
 }
 #: The ``every=1`` default (kept for code that reads one calibration).

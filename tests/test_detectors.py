@@ -201,10 +201,13 @@ def test_detector_config_errors_name_the_field():
         D.DetectorConfig(margin=0)
     with pytest.raises(ValueError, match="sustain"):
         D.DetectorConfig(sustain=1.5)
+    for bad in (-0.1, 1.5, "x"):
+        with pytest.raises(ValueError, match="floor"):
+            D.DetectorConfig(floor=bad)
 
 
 def test_envelope_thresholds_are_the_max_over_each_bin_and_its_neighbours():
-    cfg = D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, envelope=100, burn_in=50)
+    cfg = D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, envelope=100, burn_in=50, floor=0.0)
     runs = [D.score_run(_signal_run(600, seed=s), cfg) for s in range(3)]
     cal = D.calibrate(runs, config=cfg)
     peak = np.zeros(6)
@@ -214,11 +217,15 @@ def test_envelope_thresholds_are_the_max_over_each_bin_and_its_neighbours():
                 peak[step // 100] = max(peak[step // 100], *(sc for _, sc, _, _ in row))
     want = [max(peak[max(0, b - 1):b + 2].max(), 1e-6) for b in range(6)]  # bin 0 holds steps 50-99 only
     assert cal.thresholds["attn.max_logit"] == pytest.approx(want)
+    # the floor: no bin below floor x the largest bin (default 0.25)
+    floored = D.calibrate(runs, config=replace(cfg, floor=0.9)).thresholds["attn.max_logit"]
+    assert floored == pytest.approx([max(w, 0.9 * max(want)) for w in want]) and D.DetectorConfig().floor == 0.25
+    assert min(want) < 0.9 * max(want)  # so the floor changed something here
     flat = D.calibrate(runs, config=D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1, envelope=0,
                                                    burn_in=50))
     assert flat.bin_steps == 0 and flat.thresholds["attn.max_logit"] == pytest.approx(peak.max())
     late = D.calibrate(runs, config=D.DetectorConfig(watch={"attn.max_logit": "log"}, min_metrics=1,
-                                                   envelope=100, burn_in=250)).thresholds["attn.max_logit"]
+                                                   envelope=100, burn_in=250, floor=0.0)).thresholds["attn.max_logit"]
     p250 = np.zeros(6)
     for run in runs:
         for step, row in run:
