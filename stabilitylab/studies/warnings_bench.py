@@ -341,7 +341,7 @@ def abrupt_changes(lr_steps: Sequence[int], lr_values: Sequence[float], run: Map
            if x[i - 1] > 0 and x[i] >= factor * x[i - 1] and x[i - 1] < (1 + (factor - 1) / 2) * x[i - 2]]
     for key in ("freeze_until", "data_switch_step"):
         v = (run or {}).get(key)
-        if v is not None and not pd.isna(v) and int(v) > 0:
+        if not pd.isna(v) and int(v) > 0:  # None and NaN: no such setting
             out.append(int(v))
     return sorted(out)
 
@@ -358,9 +358,8 @@ def label_runs(runs: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
         if h is None:
             continue
         o = D.label_outcome(h["step"].to_numpy(), h["value"].to_numpy(dtype=float), **OUTCOME_DEFINITION)
-        lr = by.get("lr", {}).get(r["run_id"])
-        changes = abrupt_changes(lr["step"].tolist(), lr["value"].tolist(), r) if lr is not None else \
-            abrupt_changes([], [], r)
+        lr = by.get("lr", {}).get(r["run_id"], pd.DataFrame({"step": [], "value": []}))
+        changes = abrupt_changes(lr["step"].tolist(), lr["value"].tolist(), r)
         before = [c for c in changes if c <= o.diverge_step]  # empty unless diverged (NaN compares False)
         rows.append({"run_id": r["run_id"], "mechanism": r["mechanism"], "role": r["role"], "lr": r["lr"],
                      "seed": r["seed"],
@@ -568,29 +567,30 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     tradeoff = pd.DataFrame()
     kinds = {m.name: m.abrupt for sc in SCALES.values() for m in sc.mechanisms}
     mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
+    settings_from = D.load_calibration(settings_from, "settings_from")  # once, not per logging interval
     for every in everys:
         fixed = replace(base, **fixed_settings(settings_from, every)) if settings_from is not None else None
         steps = run_steps(history, every)
-        scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in set(outcomes["run_id"])}
+        scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in mechanism_of}
         pools: dict[str, list[dict[str, Any]]] = {"seed": [], "mechanism": [], "own": []}
-        tradeoff_rows: list[dict[str, Any]] = []
+        tradeoff_rows: dict[float, list[dict[str, Any]]] = {m: [] for m in TRADEOFF_MARGINS}
         chosen_for: dict[str, D.DetectorConfig] = {}
         for name, kind, cal_ids, test_ids in splits(outcomes):
             if not test_ids or not cal_ids:
                 continue
-            mech = mechanism_of[test_ids[0]] if kind != "seed" else ""
             if fixed is not None:
                 cfg = fixed
             elif kind == "own":  # the settings chosen with the mechanism held out altogether
-                cfg = chosen_for[mech]
+                cfg = chosen_for[mechanism_of[test_ids[0]]]
             else:
                 cfg = choose_settings(cal_ids, outcomes, scored, base, grid, censor)[0] if grid else base
-            chosen_for[mech] = cfg
+            if kind == "mechanism":
+                chosen_for[mechanism_of[test_ids[0]]] = cfg
             cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}", censor)
             s, rows = _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)
             if kind == "seed" and every == everys[0]:  # the trade-off: the same split, per threshold margin
-                tradeoff_rows += [{"margin": m, "rows": _measure(test_ids, outcomes, scored, replace(cfg, margin=m),
-                                                                 cal, censor=censor)[1]} for m in TRADEOFF_MARGINS]
+                for m, acc in tradeoff_rows.items():
+                    acc += _measure(test_ids, outcomes, scored, replace(cfg, margin=m), cal, censor=censor)[1]
             if kind == "mechanism":
                 summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
                                 "persist": cfg.persist, **s})
@@ -606,11 +606,9 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                 summary.append({"every": every, "split": pool, "margin": fixed.margin if fixed else math.nan,
                                 "min_metrics": fixed.min_metrics if fixed else math.nan,
                                 "persist": fixed.persist if fixed else math.nan, **summarise(pd.DataFrame(rows))})
-        if tradeoff_rows:
+        if any(tradeoff_rows.values()):
             tradeoff = pd.DataFrame([{"every": every, "split": "each seed held out", "margin": m,
-                                      **summarise(pd.DataFrame([r for t in tradeoff_rows if t["margin"] == m
-                                                                for r in t["rows"]]))}
-                                     for m in TRADEOFF_MARGINS])
+                                      **summarise(pd.DataFrame(rows))} for m, rows in tradeoff_rows.items()])
         ids = list(outcomes["run_id"])
         chosen = fixed or base
         if fixed is None and grid and outcomes["mechanism"].nunique() > 1:  # the settings a calibration on every run carries
@@ -730,18 +728,23 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
     build_meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
     md = markdown(res, build_meta)
     print(md)
-    if args.json or args.md:
-        for p, text in ((args.json, json.dumps(_jsonable(res, build_meta), indent=1, default=str)), (args.md, md)):
-            if p:
-                Path(p).parent.mkdir(parents=True, exist_ok=True)
-                Path(p).write_text(text + "\n")
+    if args.json:
+        _write(args.json, json.dumps(_jsonable(res, build_meta), indent=1, default=str))
+    if args.md:
+        _write(args.md, md)
     if args.calibration_out:
-        Path(args.calibration_out).write_text(json.dumps(D.calibrations_to_dict(res["calibrations"]), indent=1) + "\n")
+        _write(args.calibration_out, json.dumps(D.calibrations_to_dict(res["calibrations"]), indent=1))
     if args.report:
         from stabilitylab.studies.warnings_report import write_warnings_report
 
         print(f"report: {write_warnings_report(args.store, res, args.report, build_meta)}")
     return 0
+
+
+def _write(path: str | os.PathLike, text: str) -> None:
+    """Write a CLI output file (its folder created), ending in one newline."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text + "\n")
 
 
 def _calibrate_cmd(args: argparse.Namespace) -> int:
@@ -752,8 +755,7 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         cals = {e: calibrate_warnings(runs, history, every=e, extend=args.extend, censor=args.censor,
                                       source=f"{args.store}, every={e}") for e in args.every}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(D.calibrations_to_dict(cals), indent=1) + "\n")
+    _write(args.out, json.dumps(D.calibrations_to_dict(cals), indent=1))
     for e, cal in cals.items():
         print(f"every={e}: {cal.source}; settings {dict(cal.settings) or 'none (EarlyWarning defaults)'}")
     print(f"calibration: {args.out}  (EarlyWarning(calibration={str(args.out)!r}))")
