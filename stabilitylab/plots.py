@@ -330,23 +330,28 @@ def sweep_figures(runs: pd.DataFrame, history: pd.DataFrame) -> dict[str, Figure
 
 
 def warning_tradeoff(curve: pd.DataFrame) -> Figure:
-    """Early-warning lead time versus false alarms as the threshold margin varies (one point per margin).
+    """Early-warning lead time versus false alarms as the threshold margin varies (one point per margin, one
+    line per logging interval when ``curve`` has an ``every`` column).
 
     Args:
-        curve: one row per margin with ``margin``, ``fa_steps_stable`` (false-alarm step rate on stable
-            runs), ``stable_warned_share``, ``warned_50_share`` and ``median_lead`` (steps).
+        curve: one row per margin (and ``every``) with ``margin``, ``fa_steps_stable`` (false-alarm step rate
+            on stable runs), ``stable_warned_share``, ``warned_50_share`` and ``median_lead`` (steps).
     """
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-    x = 100 * curve["fa_steps_stable"].to_numpy(dtype=float)
-    for ax, y, label in ((a1, curve["median_lead"], "median lead (steps)"),
-                         (a2, 100 * curve["warned_50_share"], "divergences warned >= 50 steps ahead (%)")):
-        ax.plot(x, y.to_numpy(dtype=float), "o-", color="tab:blue")
-        for xi, yi, m in zip(x, y, curve["margin"]):
-            ax.annotate(f"{m:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    groups = list(curve.groupby("every")) if "every" in curve else [(None, curve)]
+    for (every, c), color in zip(groups, ("tab:blue", "tab:orange", "tab:green", "tab:purple")):
+        x = 100 * c["fa_steps_stable"].to_numpy(dtype=float)
+        for ax, y in ((a1, c["median_lead"]), (a2, 100 * c["warned_50_share"])):
+            ax.plot(x, y.to_numpy(dtype=float), "o-", color=color, label=None if every is None else f"every={every}")
+            for xi, yi, m in zip(x, y, c["margin"]):
+                ax.annotate(f"{m:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for ax, label in ((a1, "median lead (steps)"), (a2, "divergences warned >= 50 steps ahead (%)")):
         ax.axvline(0.05, color="red", lw=1, ls="--")
         ax.set_xlabel("false-alarm steps on stable runs (%)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
+    if groups[0][0] is not None:
+        a2.legend(fontsize=8)
     a1.set_title("lead time vs false alarms (labels: threshold margin)", fontsize=9)
     fig.tight_layout()
     return fig

@@ -79,7 +79,7 @@ GOALS = {"warned_50_share": (">=", 0.8), "median_lead": (">=", 100), "stable_war
          "fa_steps_stable": ("<=", 5e-4), "fa_steps_spiked": ("<=", 5e-4)}
 #: Steps at the end of a run that did not diverge that are not judged (``horizon``): the labels' patience.
 CENSOR = int(OUTCOME_DEFINITION["patience"])
-#: Threshold margins of the lead-time vs false-alarm curve (each seed held out, first ``every``).
+#: Threshold margins of the lead-time vs false-alarm curve (each seed held out, at each ``every``).
 TRADEOFF_MARGINS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 #: A logged LR at least this many times the previous one is an abrupt change (``abrupt_changes``).
 ABRUPT_LR_FACTOR = 1.5
@@ -551,7 +551,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         held-out result pooled, each mechanism's held-out result pooled, on a benchmark folder the same over the gradual and over the
         abrupt-change mechanisms, ``Mechanism.abrupt``, and the ``own`` splits pooled, see ``splits``),
         "per_run": DataFrame, "composition": DataFrame, "outcomes": DataFrame,
-        "tradeoff": DataFrame (the each-seed-held-out result per threshold margin, the split's other settings), "calibrations": {every:
+        "tradeoff": DataFrame (the each-seed-held-out result per logging interval and threshold margin, the split's other settings), "calibrations": {every:
         the calibration on every run at that logging interval, carrying the settings that
         leave-one-mechanism-out over every run chooses, or the fixed ones} (what the shipped defaults are),
         "calibration": the one at every=1 (else the smallest every), "meta": {...}}``.
@@ -564,7 +564,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     t0 = time.time()
     summary, per_run = [], []
     full_cal: dict[int, D.Calibration] = {}
-    tradeoff = pd.DataFrame()
+    tradeoff: list[dict[str, Any]] = []
     kinds = {m.name: m.abrupt for sc in SCALES.values() for m in sc.mechanisms}
     mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
     settings_from = D.load_calibration(settings_from, "settings_from")  # once, not per logging interval
@@ -588,7 +588,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                 chosen_for[mechanism_of[test_ids[0]]] = cfg
             cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}", censor)
             s, rows = _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)
-            if kind == "seed" and every == everys[0]:  # the trade-off: the same split, per threshold margin
+            if kind == "seed":  # the trade-off: the same split, per threshold margin
                 for m, acc in tradeoff_rows.items():
                     acc += _measure(test_ids, outcomes, scored, replace(cfg, margin=m), cal, censor=censor)[1]
             if kind == "mechanism":
@@ -607,8 +607,8 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                                 "min_metrics": fixed.min_metrics if fixed else math.nan,
                                 "persist": fixed.persist if fixed else math.nan, **summarise(pd.DataFrame(rows))})
         if any(tradeoff_rows.values()):
-            tradeoff = pd.DataFrame([{"every": every, "split": "each seed held out", "margin": m,
-                                      **summarise(pd.DataFrame(rows))} for m, rows in tradeoff_rows.items()])
+            tradeoff += [{"every": every, "split": "each seed held out", "margin": m, **summarise(pd.DataFrame(rows))}
+                         for m, rows in tradeoff_rows.items()]
         ids = list(outcomes["run_id"])
         chosen = fixed or base
         if fixed is None and grid and outcomes["mechanism"].nunique() > 1:  # the settings a calibration on every run carries
@@ -622,7 +622,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                          "variants (mechanisms), so that some runs calibrate and others are tested")
     return {"summary": pd.DataFrame(summary), "per_run": pd.DataFrame(per_run), "composition": composition(outcomes),
             "calibration": full_cal[min(full_cal, key=lambda e: (e != 1, e))], "calibrations": full_cal,
-            "outcomes": outcomes, "tradeoff": tradeoff,
+            "outcomes": outcomes, "tradeoff": pd.DataFrame(tradeoff),
             "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
                                                                          for k, v in asdict(base).items()},
                      "grid": list(grid) if fixed is None else [], "censor": censor,

@@ -112,6 +112,15 @@ def test_evaluate_reports_every_split_at_every_1_and_10(mini):
     assert sorted(seeds["run_id"]) == sorted(held["run_id"]) and set(seeds["split"]) == {"held-out seed 0",
                                                                                          "held-out seed 1"}
     assert set(res["tradeoff"]["split"]) == {"each seed held out"} and (res["tradeoff"]["n_runs"] == 8).all()
+    # one trade-off curve per logging interval; at margin 1 (what GRID[:2] chooses) it is the seed split itself
+    t = res["tradeoff"]
+    assert sorted(set(t["every"])) == sorted(W.EVERIES)
+    for every in W.EVERIES:
+        assert sorted(t.loc[t["every"] == every, "margin"]) == sorted(W.TRADEOFF_MARGINS)
+        at1 = t[(t["every"] == every) & (t["margin"] == 1.0)].iloc[0]
+        seed_row = s[(s["split"] == "each seed held out") & (s["every"] == every)].iloc[0]
+        for k in ("n_runs", "warned_50_share", "stable_warned_share", "fa_steps_stable", "median_lead"):
+            assert at1[k] == seed_row[k] or (pd.isna(at1[k]) and pd.isna(seed_row[k])), (every, k)
     # any single sweep store works too: here one mechanism, so only the seed splits exist
     one = W.evaluate(out / "proxy", everys=(1,), grid=(), censor=20)
     assert set(one["summary"]["split"]) == {"each seed held out"}
