@@ -148,26 +148,25 @@ def train(peak: float, every: int = 1, seed: int = 0, steps: int = STEPS, ramp: 
     out = {"model": model, "schedule": schedule or f"ramp{ramp}", "peak": peak, "seed": seed, "outcome": o.label,
            "diverge_step": o.diverge_step, "losses": losses, "history": hist,
            "loss_first": losses[0], "loss_last": losses[-1]}
-    out[every] = _first(warned, o)
+    out[every] = _first(warned, out)
     return out
 
 
-def _first(warned: list, o) -> dict:
+def _first(warned: list, run: dict) -> dict:
+    """The first warning of a run and its lead (divergence step minus warning step) when the run diverged."""
     w = warned[0] if warned else None
     return {"first_warning": w.step if w else None, "metric": w.extra.get("metric") if w else None,
             "module": w.module if w else None, "n_warnings": len(warned),
-            "lead": (o.diverge_step - w.step) if (w and o.label == "diverged") else None}
+            "lead": (run["diverge_step"] - w.step) if (w and run["outcome"] == "diverged") else None}
 
 
 def replay(run: dict, every: int, margin: float | None = None) -> dict:
     """The defaults (``margin``: with that margin) replayed on a run's every=1 history subsampled to every
     ``every`` steps."""
     import stabilitylab as sl
-    from stabilitylab.detectors import label_outcome
 
     h = run["history"]
-    events = sl.EarlyWarning(margin=margin).replay(h[h["step"] % every == 0])
-    return _first(events, label_outcome(range(len(run["losses"])), run["losses"]))
+    return _first(sl.EarlyWarning(margin=margin).replay(h[h["step"] % every == 0]), run)
 
 
 def _one(args):
@@ -186,11 +185,11 @@ def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
     any warning; diverged runs warned."""
     out = []
     for model in dict.fromkeys(x["model"] for x in rows):
+        r = [x for x in rows if x["model"] == model]
+        quiet = [x for x in r if x["outcome"] != "diverged"]
+        div = [x for x in r if x["outcome"] == "diverged"]
+        late = [x for x in div if x["diverge_step"] > 100]
         for e in keys:
-            r = [x for x in rows if x["model"] == model]
-            quiet = [x for x in r if x["outcome"] != "diverged"]
-            div = [x for x in r if x["outcome"] == "diverged"]
-            late = [x for x in div if x["diverge_step"] > 100]
             key = {"every": e} if isinstance(e, int) else {"every": e[0], "margin": e[1]}
             out.append({"model": model, **key, "not_diverged": len(quiet),
                         "not_diverged_warned": sum(x[e]["first_warning"] is not None for x in quiet),
