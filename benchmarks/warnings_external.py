@@ -92,39 +92,30 @@ def lr_factor(warm: int, kind: str, steps: int):
     return f
 
 
+#: Hugging Face families: name -> (config class, model class, config fields beyond the shared shape: 2 layers of
+#: width 64, 4 heads, 64 positions, byte vocabulary, SDPA).
+HF_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"intermediate_size": 172, "num_key_value_heads": 2}),
+    "neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"intermediate_size": 256}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"intermediate_size": 172, "num_key_value_heads": 2,
+                                                  "tie_word_embeddings": True}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 256, "word_embed_proj_dim": 64, "dropout": 0.0,
+                                            "attention_dropout": 0.0, "activation_function": "relu"}),
+}
+
+
 def build(model: str):
     """``(module to monitor, forward: ids -> logits)`` of a named model."""
     if model == "gpt":
         m = GPT()
         return m, m
-    if model == "llama":
-        from transformers import LlamaConfig, LlamaForCausalLM
+    if model in HF_FAMILIES:
+        import transformers
 
-        m = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         attn_implementation="sdpa"))
-        return m, lambda x: m(input_ids=x).logits
-    if model == "neox":
-        from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-        m = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                             num_attention_heads=4, max_position_embeddings=64,
-                                             attn_implementation="sdpa"))
-        return m, lambda x: m(input_ids=x).logits
-    if model == "qwen2":
-        from transformers import Qwen2Config, Qwen2ForCausalLM
-
-        m = Qwen2ForCausalLM(Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                         tie_word_embeddings=True, attn_implementation="sdpa"))
-        return m, lambda x: m(input_ids=x).logits
-    if model == "opt":
-        from transformers import OPTConfig, OPTForCausalLM
-
-        m = OPTForCausalLM(OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=256, num_hidden_layers=2,
-                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
-                                     dropout=0.0, attention_dropout=0.0, activation_function="relu",
-                                     attn_implementation="sdpa"))
+        config_cls, model_cls, kw = HF_FAMILIES[model]
+        m = getattr(transformers, model_cls)(getattr(transformers, config_cls)(
+            vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
+            attn_implementation="sdpa", **kw))
         return m, lambda x: m(input_ids=x).logits
     raise ValueError(f"model={model!r}: choose from {(*MODELS, *MORE_MODELS)}")
 
@@ -243,7 +234,7 @@ def main() -> int:
     print(markdown_table(pd.DataFrame(tradeoff)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": STEPS, "schedules": SCHEDULES, "peaks": PEAKS, "seeds": SEEDS,
-                                          "margins": MARGINS,
+                                          "margins": MARGINS, "models": args.models,
                                           "summary": summary, "tradeoff": tradeoff, "runs": table}, indent=1, default=str) + "\n")
     return 0
 
