@@ -1,6 +1,8 @@
 """The early warning's shipped defaults on models that are not in the warnings benchmark (issue 17's scenario).
 
     python benchmarks/warnings_external.py            # prints tables, writes results/warnings_external.json
+    python benchmarks/warnings_external.py --pool runs/ext_pool   # keeps each run's history; a second call with
+                                                      # the same --pool replays them (seconds, not ~25 min)
 
 Models: ``gpt``, a small GPT written here (pre-LayerNorm, fused qkv, SDPA, GELU MLP, untied head; not the
 proxy, not Hugging Face); ``llama``, a Hugging Face ``LlamaForCausalLM`` built from a small config (RMSNorm,
@@ -178,9 +180,27 @@ def replay(run: dict, every: int, margin: float | None = None) -> dict:
     return _first(sl.EarlyWarning(margin=margin).replay(h[h["step"] % every == 0]), run)
 
 
-def _one(args):
-    model, schedule, peak, seed = args
+def _pooled(model: str, schedule: str, peak: float, seed: int, pool: str | None) -> dict:
+    """A run with its every=1 history: trained (and, with ``pool``, saved there as ``NAME.parquet`` +
+    ``NAME.json``), or read back from ``pool`` where an earlier call saved it; a pooled run's every=1 result is
+    the replay of its history (the live probe and the replay run the same detector code)."""
+    name = f"{model}_{schedule}_{peak:g}_{seed}"
+    if pool is not None and (Path(pool) / f"{name}.json").is_file():
+        r = json.loads((Path(pool) / f"{name}.json").read_text())
+        r["history"] = pd.read_parquet(Path(pool) / f"{name}.parquet")
+        r[1] = replay(r, 1)
+        return r
     r = train(peak, 1, seed, model=model, schedule=schedule, history=True)
+    if pool is not None:
+        Path(pool).mkdir(parents=True, exist_ok=True)
+        r["history"].to_parquet(Path(pool) / f"{name}.parquet")
+        (Path(pool) / f"{name}.json").write_text(json.dumps({k: v for k, v in r.items() if k not in ("history", 1)}))
+    return r
+
+
+def _one(args):
+    *job, pool = args
+    r = _pooled(*job, pool)
     r[10] = replay(r, 10)
     for e in (1, 10):
         for m in MARGINS:
@@ -217,8 +237,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *MORE_MODELS])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "warnings_external.json"))
+    ap.add_argument("--pool", default=None, help="folder to keep each run's history in (parquet); runs already "
+                    "there are replayed instead of trained again, e.g. to measure changed detector settings")
     args = ap.parse_args()
-    jobs = [(m, sch, p, s) for m in args.models for sch in SCHEDULES for s in SEEDS for p in PEAKS]
+    jobs = [(m, sch, p, s, args.pool) for m in args.models for sch in SCHEDULES for s in SEEDS for p in PEAKS]
     with ProcessPoolExecutor(args.workers) as ex:
         rows = list(tqdm(ex.map(_one, jobs), total=len(jobs), desc="external runs", unit="run"))
     summary = summarise(rows)

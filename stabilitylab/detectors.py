@@ -20,7 +20,8 @@ already are logs, e.g. log Z), and on each logged step ``t`` the detector comput
   the older half of the window;
 - the score ``s_t = min(g_t, h_{t - window/2} / sustain)`` (the growth rate sustained over the whole
   window; ``sustain`` = 0.75 by default) if ``g_t > 0``, the trend accelerates
-  (``g_t > accel * max(g_{t - window}, 0)``), still grows at least as fast in the recent half
+  (``g_t > accel * max(g_{t - window}, 0)``, where ``g_{t - window}`` counts only if it was fit on at least
+  ``lag_points`` = 5 logged steps: the first slopes of a series at sparse logging fit 2-4 points), still grows at least as fast in the recent half
   (``h_t >= g_t``) and already grew in the older half (``h_{t - window/2} > 0``), else 0. The two
   half-window tests keep a level shift quiet (an abrupt jump, e.g. an LR spike, keeps ``g_t`` positive for
   a whole window after it): while the jump is in the recent half, the older half is flat, so the score is
@@ -284,6 +285,10 @@ class DetectorConfig:
     """Steps after a warning before the next one."""
     accel: float = 1.5
     """Acceleration gate: a series scores only while ``g_t > accel * max(g_{t - window}, 0)``."""
+    lag_points: int = 5
+    """The gate's lagged slope ``g_{t - window}`` counts only if it was fit on at least this many logged steps
+    (else the series does not score yet): at sparse logging the first slopes of a series fit 2-4 points, and
+    a gate against such a noisy slope passes on chance (at ``every=10``: no score before ~130 steps)."""
     sustain: float = 0.75
     """The score is ``min(g_t, h_{t - window/2} / sustain)``: growth counts at the rate the older half of
     the window sustained (1: exactly that rate; smaller values trust the whole-window slope more)."""
@@ -300,7 +305,7 @@ class DetectorConfig:
         if bad or not self.watch:
             raise ValueError(f"DetectorConfig(watch={bad or dict(self.watch)}): give a non-empty metric -> "
                              f"transform mapping with transforms in {TRANSFORMS}")
-        for name, lo in (("window", 3), ("min_points", 3), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
+        for name, lo in (("window", 3), ("min_points", 3), ("lag_points", 2), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
                          ("envelope", 0)):
             v = getattr(self, name)
             if not int_at_least(v, lo):
@@ -475,7 +480,7 @@ class RunawayDetector:
             if fit is None:
                 fit = self._series[key] = _Slope(window)
             g = fit.add(step, x)
-            old = fit.lagged(step, g)
+            old = fit.lagged(step, g if fit.n >= self.config.lag_points else math.nan)
             rec = self._recent.get(key)
             if rec is None:
                 rec = self._recent[key] = _Slope(max(window // 2, 2))
@@ -688,7 +693,7 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "attn.max_logit": [11.35, 11.35, 11.35, 3.705, 4.079, 5.201, 5.201],
             "attn.entropy": [1.588, 1.588, 1.874, 3.023, 3.838, 5.966, 5.966],
             "logits.lse_mean": [1.629, 1.629, 1.629, 1.629, 0.9647, 0.9647, 0.9647],
-            "logits.max": [0.837, 0.837, 0.837, 0.2891, 0.3377, 0.3985, 0.3985],
+            "logits.max": [0.8369, 0.8369, 0.8369, 0.2891, 0.3377, 0.3985, 0.3985],
             "update.ratio": [4.776, 4.776, 4.776, 3.815, 3.143, 3.143, 2.664],
             "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 1.302, 1.306, 1.306],
             "loss": [0.1095, 0.1095, 0.132, 0.4381, 0.4381, 0.4381, 0.1866],
@@ -696,22 +701,22 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
         bin_steps=50, interval=1, settings={"margin": 1.0, "min_metrics": 2, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.231, "attn.entropy": 5.719, "logits.lse_mean": 4.957, "logits.max": 1.712, "update.ratio": -1.674, "grad.global_norm": 0.03714, "loss": 1.207},
         ratio_lo=0.3752, ratio_hi=6.011, fallback_lead=104,
-        source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
+        source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, lag_points 5, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
     10: Calibration(
         thresholds={
-            "attn.max_logit": [2.494, 2.494, 2.494, 3.586, 3.586, 3.921, 3.921],
+            "attn.max_logit": [2.44, 2.44, 2.44, 3.586, 3.586, 3.921, 3.921],
             "attn.entropy": [1.333, 1.333, 1.504, 2.635, 3.321, 3.714, 3.714],
-            "logits.lse_mean": [1.492, 1.492, 1.492, 1.492, 0.8828, 0.5255, 0.5255],
+            "logits.lse_mean": [1.25, 1.25, 1.25, 1.25, 0.8828, 0.5255, 0.5255],
             "logits.max": [0.3092, 0.3092, 0.3092, 0.1896, 0.1896, 0.3092, 0.3092],
-            "update.ratio": [3.294, 3.294, 3.294, 3.294, 2.234, 1.881, 1.526],
+            "update.ratio": [2.591, 2.591, 2.591, 2.591, 2.234, 1.881, 1.526],
             "grad.global_norm": [0.4253, 0.4253, 0.474, 0.5873, 0.7652, 1.701, 1.701],
             "loss": [0.07731, 0.07731, 0.07731, 0.3092, 0.3092, 0.3092, 0.2607],
         },
         bin_steps=50, interval=10, settings={"margin": 1.25, "min_metrics": 1, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.323, "logits.lse_mean": 5.067, "logits.max": 1.75, "update.ratio": -1.67, "grad.global_norm": 0.1503, "loss": 1.147},
-        ratio_lo=0.7062, ratio_hi=4.403, fallback_lead=119,
-        source="warnings benchmark v2, 144 runs, every=10 (window 60, min_points 9, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
+        ratio_lo=0.4035, ratio_hi=4.52, fallback_lead=97,
+        source="warnings benchmark v2, 144 runs, every=10 (window 60, min_points 9, lag_points 5, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
                "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
 }
 #: The ``every=1`` default (kept for code that reads one calibration).

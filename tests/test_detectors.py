@@ -285,9 +285,10 @@ def _ref_slope(steps, x, lo, hi):
     return np.polyfit(steps[sel], x[sel], 1)[0] if sel.sum() >= 2 else math.nan
 
 
-def test_min_points_widens_the_window_at_coarse_logging_and_scores_match_polyfit():
-    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, window=60)
-    assert cfg.min_points == 9
+@pytest.mark.parametrize("lag_points", [2, 5, 8])
+def test_min_points_widens_the_window_at_coarse_logging_and_scores_match_polyfit(lag_points):
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, window=60, lag_points=lag_points)
+    assert cfg.min_points == 9 and D.DetectorConfig().lag_points == 5
     for every, want in ((1, 60), (3, 60), (7, 63), (10, 90)):
         det = D.RunawayDetector(cfg)
         det.score(0, {("m", ""): 1.0})
@@ -311,7 +312,9 @@ def test_min_points_widens_the_window_at_coarse_logging_and_scores_match_polyfit
         if i >= 2:
             assert g == pytest.approx(ref_g, rel=1e-6, abs=1e-12)
         past = steps[steps <= step - w]
-        old = _ref_slope(steps, lv, past[-1] - w, past[-1]) if len(past) else math.nan
+        # the gate's lagged slope counts only if fit on >= lag_points logged steps (the window's first slopes)
+        lag_n = int(((steps > past[-1] - w) & (steps <= past[-1])).sum()) if len(past) else 0
+        old = _ref_slope(steps, lv, past[-1] - w, past[-1]) if lag_n >= lag_points else math.nan
         past_h = steps[steps <= step - half]
         h_old = _ref_slope(steps, lv, past_h[-1] - half, past_h[-1]) if len(past_h) else math.nan
         h = _ref_slope(steps, lv, step - half, step)
@@ -321,6 +324,23 @@ def test_min_points_widens_the_window_at_coarse_logging_and_scores_match_polyfit
         checked += 1
         positive += want > 0
     assert checked == len(steps) and positive >= 5
+
+
+@pytest.mark.parametrize("lag_points", [2, 5, 7])
+def test_a_series_scores_once_its_lagged_slope_is_fit_on_lag_points_logged_steps(lag_points):
+    # runaway growth from the first logged step, at every=10 (window 90): the slope lagged 90 steps behind
+    # step t was fit on the points of steps 0..t-90, so it counts from t = 10 * (lag_points - 1) + 90
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_metrics=1, window=60, lag_points=lag_points)
+    steps = range(0, 400, 10)
+    scored = D.score_run([(s, {("m", ""): math.exp(1e-4 * s * s)}) for s in steps], cfg)
+    first = min(step for step, row in scored if row[0][1] > 0)
+    assert first == 10 * (lag_points - 1) + 90
+
+
+def test_lag_points_below_2_is_rejected_naming_it():
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError, match="lag_points"):
+            D.DetectorConfig(lag_points=bad)
 
 
 def test_min_points_below_3_is_rejected_naming_it():

@@ -13,9 +13,9 @@ The default calibrations (``detectors.DEFAULT_CALIBRATIONS``, for ``every=1`` an
 (``stabilitylab warnings build --scale quick``: tiny proxies and a tiny GPT-2, LR ramps and step-ups);
 recalibrate on your own stable runs with ``stabilitylab warnings calibrate STORE --out cal.json --extend default``
 and ``EarlyWarning(calibration="cal.json")``. On model families the benchmark does not train
-(``benchmarks/warnings_external.py``: a GPT written there, HF Llama, HF GPT-NeoX) the defaults warned 7 of 60
-stable runs at ``every=1`` but 22 of 60 at ``every=10`` (4 of 60 with ``margin=2``): at sparse logging,
-treat a first warning on a new model as a prompt to look, and recalibrate.
+(``benchmarks/warnings_external.py``: a GPT written there, HF Llama, HF GPT-NeoX, HF Qwen2, HF OPT) the
+defaults warned 14 of 101 stable runs at ``every=1`` and 25 of 101 at ``every=10`` (4 of 101 with
+``margin=2``): treat a first warning on a new model as a prompt to look, and recalibrate.
 
 On a warning it can write a flight-recorder snapshot (``snapshot_dir``): the last ``snapshot_steps``
 logged steps of every signal (``signals.parquet``), the step's batch indices given to ``note_batch``,
@@ -69,6 +69,8 @@ class EarlyWarning(Probe):
         snapshot_steps: logged steps of history kept for a snapshot.
         max_snapshots: snapshots written per run at most.
         min_points: the window spans at least this many logged steps (``window`` is widened at sparse logging).
+        lag_points: the acceleration gate's lagged slope counts once it was fit on this many logged steps
+            (``DetectorConfig.lag_points``).
     """
 
     name = "early_warning"
@@ -78,13 +80,15 @@ class EarlyWarning(Probe):
                  persist: int | None = None, burn_in: int = 60, min_metrics: int | None = None,
                  margin: float | None = None, cooldown: int = 50,
                  callback: Callable[[Event], None] | None = None, snapshot_dir: str | Path | None = None,
-                 snapshot_steps: int = 50, max_snapshots: int = 1, min_points: int = 9):
+                 snapshot_steps: int = 50, max_snapshots: int = 1, min_points: int = 9,
+                 lag_points: int = 5):
         super().__init__()
         given = {k: v for k, v in (("persist", persist), ("min_metrics", min_metrics), ("margin", margin))
                  if v is not None}
         self.adopt = tuple(k for k in D.ADOPTABLE if k not in given)
         self.config = D.DetectorConfig(watch=dict(DEFAULT_WATCH if watch is None else watch), window=window,
-                                       min_points=min_points, burn_in=burn_in, cooldown=cooldown, **given)
+                                       min_points=min_points, lag_points=lag_points, burn_in=burn_in,
+                                       cooldown=cooldown, **given)
         cal = D.load_calibration(calibration, "EarlyWarning(calibration)")
         self.calibrations = D.DEFAULT_CALIBRATIONS if cal is None else cal
         for name, v in (("snapshot_steps", snapshot_steps), ("max_snapshots", max_snapshots)):

@@ -27,3 +27,16 @@ def test_defaults_do_not_warn_a_stable_lr_ramp_of_a_gpt_not_written_in_the_packa
     assert losses[-1] < losses[0] - 2.0  # it learned (5.5 nats at init -> ~2.4)
     w = r[every]
     assert w["n_warnings"] == 0, (w["first_warning"], w["metric"], w["module"])
+
+
+def test_a_pooled_run_reads_back_and_replays_to_the_live_result(tmp_path):
+    """``--pool``: the first call trains and saves the run, the second reads it back instead of training; the
+    replay of the saved history gives the warnings the live probe gave (peak 1 under warm-up + cosine: warned at every=1)."""
+    live = ext._pooled("gpt", "warm50_cos", 1.0, 0, str(tmp_path))
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert saved == ["gpt_warm50_cos_1_0.json", "gpt_warm50_cos_1_0.parquet"]
+    again = ext._pooled("gpt", "warm50_cos", 1.0, 0, str(tmp_path))
+    assert again["losses"] == live["losses"] and again["outcome"] == live["outcome"]
+    assert len(again["history"]) == len(live["history"]) > 0
+    assert again[1] == live[1]
+    assert live[1]["first_warning"] is not None, "pick a run the defaults warn, so the comparison means something"
