@@ -4,7 +4,7 @@
 (``Monitor(model, opt, probes=[*DEFAULT, EarlyWarning()])``) and on each logged step it feeds the logged
 values to ``stabilitylab.detectors.RunawayDetector``, the same code the offline evaluation
 (``stabilitylab.analysis.evaluate_warnings``, ``stabilitylab warnings evaluate``) replays. The detector warns
-when a watched signal (max attention logit, attention entropy, log Z, max output logit, grad norm, update
+when a watched signal (max attention logit, attention entropy, log Z, grad norm, update
 ratio, loss; each per module) grows *and accelerates* in log space faster than it ever did on calibration
 runs that stayed stable; the warning names the leading signal and module and forecasts the steps left to
 divergence with an interval (see ``stabilitylab.detectors`` for the formulas).
@@ -14,7 +14,7 @@ The default calibrations (``detectors.DEFAULT_CALIBRATIONS``, for ``every=1`` an
 recalibrate on your own stable runs with ``stabilitylab warnings calibrate STORE --out cal.json --extend default``
 and ``EarlyWarning(calibration="cal.json")``. On model families the benchmark does not train
 (``benchmarks/warnings_external.py``: a GPT written there, HF Llama, HF GPT-NeoX, HF Qwen2, HF OPT) the
-defaults warned 14 of 101 stable runs at ``every=1`` and 25 of 101 at ``every=10`` (4 of 101 with
+defaults warned 13 of 101 stable runs at ``every=1`` and 18 of 101 at ``every=10`` (1 of 101 with
 ``margin=2``): treat a first warning on a new model as a prompt to look, and recalibrate.
 
 On a warning it can write a flight-recorder snapshot (``snapshot_dir``): the last ``snapshot_steps``
