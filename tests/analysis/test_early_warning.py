@@ -156,6 +156,10 @@ def test_bad_arguments_name_the_argument(tmp_path):
         EarlyWarning(watch={"loss": "log"}, min_metrics=2)
     with pytest.raises(TypeError, match="callback"):
         EarlyWarning(callback=3)
+    with pytest.raises(ValueError, match="lag_points"):
+        EarlyWarning(lag_points=1)
+    assert EarlyWarning(lag_points=7).detector.config.lag_points == 7
+    assert EarlyWarning().detector.config.lag_points == D.DetectorConfig().lag_points == 5
     with pytest.raises(FileNotFoundError, match="calibration-out"):
         EarlyWarning(calibration=tmp_path / "missing.json")
     with pytest.raises(ValueError, match="no run stayed stable"):

@@ -19,9 +19,10 @@ ext = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ext)
 
 
-@pytest.mark.parametrize("peak,every", [(1e-3, 1), (3e-3, 10)])
-def test_defaults_do_not_warn_a_stable_lr_ramp_of_a_gpt_not_written_in_the_package(peak, every):
-    r = ext.train(peak, every, steps=400)
+@pytest.mark.parametrize("model,peak,every", [("gpt", 1e-3, 1), ("gpt", 3e-3, 10), ("llama", 1e-2, 10)])
+def test_defaults_do_not_warn_a_stable_lr_ramp_of_a_model_not_written_in_the_package(model, peak, every):
+    """Also a Hugging Face Llama (from a config) at the Monitor's default every=10."""
+    r = ext.train(peak, every, steps=400, model=model)
     losses = r["losses"]
     assert r["outcome"] == "stable" and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 2.0  # it learned (5.5 nats at init -> ~2.4)
