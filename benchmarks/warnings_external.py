@@ -185,22 +185,22 @@ def _pooled(model: str, schedule: str, peak: float, seed: int, pool: str | None)
     ``NAME.json``), or read back from ``pool`` where an earlier call saved it; a pooled run's every=1 result is
     the replay of its history (the live probe and the replay run the same detector code)."""
     name = f"{model}_{schedule}_{peak:g}_{seed}"
-    if pool is not None and (Path(pool) / f"{name}.json").is_file():
-        r = json.loads((Path(pool) / f"{name}.json").read_text())
-        r["history"] = pd.read_parquet(Path(pool) / f"{name}.parquet")
+    meta, hist = (Path(pool) / f"{name}.json", Path(pool) / f"{name}.parquet") if pool is not None else (None, None)
+    if meta is not None and meta.is_file():
+        r = json.loads(meta.read_text())
+        r["history"] = pd.read_parquet(hist)
         r[1] = replay(r, 1)
         return r
     r = train(peak, 1, seed, model=model, schedule=schedule, history=True)
-    if pool is not None:
-        Path(pool).mkdir(parents=True, exist_ok=True)
-        r["history"].to_parquet(Path(pool) / f"{name}.parquet")
-        (Path(pool) / f"{name}.json").write_text(json.dumps({k: v for k, v in r.items() if k not in ("history", 1)}))
+    if meta is not None:
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        r["history"].to_parquet(hist)
+        meta.write_text(json.dumps({k: v for k, v in r.items() if k not in ("history", 1)}))
     return r
 
 
 def _one(args):
-    *job, pool = args
-    r = _pooled(*job, pool)
+    r = _pooled(*args)
     r[10] = replay(r, 10)
     for e in (1, 10):
         for m in MARGINS:

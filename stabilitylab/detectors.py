@@ -21,9 +21,9 @@ already are logs, e.g. log Z), and on each logged step ``t`` the detector comput
 - the score ``s_t = min(g_t, h_{t - window/2} / sustain)`` (the growth rate sustained over the whole
   window; ``sustain`` = 0.75 by default) if ``g_t > 0``, the trend accelerates
   (``g_t > accel * max(g_{t - window}, 0)``, where ``g_{t - window}`` counts only if it was fit on at least
-  ``lag_points`` = 5 logged steps: the first slopes of a series at sparse logging fit 2-4 points), still grows at least as fast in the recent half
-  (``h_t >= g_t``) and already grew in the older half (``h_{t - window/2} > 0``), else 0. The two
-  half-window tests keep a level shift quiet (an abrupt jump, e.g. an LR spike, keeps ``g_t`` positive for
+  ``lag_points`` = 5 logged steps: the first slopes of a series at sparse logging fit 2-4 points), still
+  grows at least as fast in the recent half (``h_t >= g_t``) and already grew in the older half
+  (``h_{t - window/2} > 0``), else 0. The two half-window tests keep a level shift quiet (an abrupt jump, e.g. an LR spike, keeps ``g_t`` positive for
   a whole window after it): while the jump is in the recent half, the older half is flat, so the score is
   at most the pre-jump slope / ``sustain``; once it is in the older half, the recent half is flat
   (``h_t < g_t``). Runaway growth is convex in log space and lasts longer than a window, so both halves
