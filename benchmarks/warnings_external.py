@@ -15,8 +15,11 @@ Python standard library's sources, batch 16 x 64, AdamW (betas 0.9/0.95, weight 
 ``warm50_cos`` (50 warm-up steps, then cosine to 0.1 x the peak). Peaks ``PEAKS`` span stable to breaking, 2
 seeds each. Each run trains once with the Monitor at every=1 and ``EarlyWarning()`` (its defaults, nothing
 recalibrated) live; the every=10 result replays the same defaults on the history subsampled to the steps a
-Monitor with every=10 logs (probes never change training). ``MARGINS`` replays both intervals with
-``EarlyWarning(margin=m)``: the lead-time vs false-alarm trade-off on models the defaults never saw. Outcomes come from the loss alone
+Monitor with every=10 logs (probes never change training), and ``INTERVALS`` the same at every=2, 3, 5, 7 and 20.
+``MARGINS`` replays both intervals with ``EarlyWarning(margin=m)``: the lead-time vs false-alarm trade-off on
+models the defaults never saw. ``--models falcon phi3 gemma3`` trains ``HELDOUT_MODELS``, added after the
+defaults were fixed; ``--steps/--peaks/--schedules`` change the runs (e.g. long stable runs: ``--steps 3000
+--peaks 0.001 0.003 --schedules warm50_cos``). Outcomes come from the loss alone
 (``detectors.label_outcome``). Reported per run: outcome, divergence step, first warning, lead, leading signal;
 per model and interval: the share of runs that did not diverge with any warning, and of diverged runs warned
 before and >= 50 steps before the divergence (and how many diverged after step 100, where 50 steps of lead
@@ -47,7 +50,14 @@ MODELS = ("gpt", "llama", "neox")
 #: Further held-out families (``--models qwen2 opt``): Qwen2 (RMSNorm, RoPE, qkv bias, GQA, tied embeddings) and
 #: OPT (learned positions, ReLU MLP, LayerNorm); not in the default run or its committed JSON.
 MORE_MODELS = ("qwen2", "opt")
+#: Families added after every detector default was fixed (``--models falcon phi3 gemma3``): Falcon with ALiBi
+#: (parallel attention and MLP, multi-query attention), Phi-3 (fused qkv and gate-up projections, RMSNorm, RoPE)
+#: and Gemma 3 (RMSNorm with (1 + w), q/k norms, sliding-window layers, scaled embeddings); looked at once.
+HELDOUT_MODELS = ("falcon", "phi3", "gemma3")
 MARGINS = (1.0, 1.25, 1.5, 2.0)
+#: Further logging intervals the defaults are replayed at (``intervals`` in the JSON): the calibrations were made
+#: at every=1 and every=10 only, and a detector takes the nearest one.
+INTERVALS = (2, 3, 5, 7, 20)
 SCHEDULES = {"ramp300": (RAMP, "flat"), "warm50_cos": (50, "cos")}
 
 
@@ -94,6 +104,8 @@ def lr_factor(warm: int, kind: str, steps: int):
     return f
 
 
+#: Special token ids inside the byte vocabulary (some configs default to ids of their own 32k+ vocabularies).
+_BYTE_IDS = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0}
 #: Hugging Face families: name -> (config class, model class, config fields beyond the shared shape: 2 layers of
 #: width 64, 4 heads, 64 positions, byte vocabulary, SDPA).
 HF_FAMILIES = {
@@ -103,6 +115,11 @@ HF_FAMILIES = {
                                                   "tie_word_embeddings": True}),
     "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 256, "word_embed_proj_dim": 64, "dropout": 0.0,
                                             "attention_dropout": 0.0, "activation_function": "relu"}),
+    "falcon": ("FalconConfig", "FalconForCausalLM", {"alibi": True, **_BYTE_IDS}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"intermediate_size": 172, "num_key_value_heads": 2, **_BYTE_IDS}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"intermediate_size": 172, "num_key_value_heads": 2,
+                                                         "head_dim": 16, "query_pre_attn_scalar": 16,
+                                                         "sliding_window": 32, **_BYTE_IDS}),
 }
 
 
@@ -119,7 +136,7 @@ def build(model: str):
             vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64,
             attn_implementation="sdpa", **kw))
         return m, lambda x: m(input_ids=x).logits
-    raise ValueError(f"model={model!r}: choose from {(*MODELS, *MORE_MODELS)}")
+    raise ValueError(f"model={model!r}: choose from {(*MODELS, *MORE_MODELS, *HELDOUT_MODELS)}")
 
 
 def train(peak: float, every: int = 1, seed: int = 0, steps: int = STEPS, ramp: int = RAMP, model: str = "gpt",
@@ -171,27 +188,37 @@ def _first(warned: list, run: dict) -> dict:
             "lead": (run["diverge_step"] - w.step) if (w and run["outcome"] == "diverged") else None}
 
 
-def replay(run: dict, every: int, margin: float | None = None) -> dict:
-    """The defaults (``margin``: with that margin) replayed on a run's every=1 history subsampled to every
-    ``every`` steps."""
+def replay(run: dict, every: int, margin: float | None = None, calibration=None) -> dict:
+    """The defaults (``margin``: with that margin; ``calibration``: those thresholds) replayed on a run's every=1
+    history subsampled to every ``every`` steps."""
     import stabilitylab as sl
 
     h = run["history"]
-    return _first(sl.EarlyWarning(margin=margin).replay(h[h["step"] % every == 0]), run)
+    return _first(sl.EarlyWarning(margin=margin, calibration=calibration).replay(h[h["step"] % every == 0]), run)
 
 
-def _pooled(model: str, schedule: str, peak: float, seed: int, pool: str | None) -> dict:
+def nearest_interval_rule() -> dict:
+    """The shipped calibrations without their recorded windows: a detector then takes the nearest logging
+    interval (the rule before ``Calibration.window``: every=4-8 took every=10's)."""
+    from dataclasses import replace as _replace
+
+    from stabilitylab.detectors import DEFAULT_CALIBRATIONS
+
+    return {k: _replace(c, window=0) for k, c in DEFAULT_CALIBRATIONS.items()}
+
+
+def _pooled(model: str, schedule: str, peak: float, seed: int, pool: str | None, steps: int = STEPS) -> dict:
     """A run with its every=1 history: trained (and, with ``pool``, saved there as ``NAME.parquet`` +
     ``NAME.json``), or read back from ``pool`` where an earlier call saved it; a pooled run's every=1 result is
     the replay of its history (the live probe and the replay run the same detector code)."""
-    name = f"{model}_{schedule}_{peak:g}_{seed}"
+    name = f"{model}_{schedule}_{peak:g}_{seed}" + (f"_{steps}steps" if steps != STEPS else "")
     meta, hist = (Path(pool) / f"{name}.json", Path(pool) / f"{name}.parquet") if pool is not None else (None, None)
     if meta is not None and meta.is_file():
         r = json.loads(meta.read_text())
         r["history"] = pd.read_parquet(hist)
         r[1] = replay(r, 1)
         return r
-    r = train(peak, 1, seed, model=model, schedule=schedule, history=True)
+    r = train(peak, 1, seed, steps, model=model, schedule=schedule, history=True)
     if meta is not None:
         meta.parent.mkdir(parents=True, exist_ok=True)
         r["history"].to_parquet(hist)
@@ -201,7 +228,11 @@ def _pooled(model: str, schedule: str, peak: float, seed: int, pool: str | None)
 
 def _one(args):
     r = _pooled(*args)
-    r[10] = replay(r, 10)
+    for e in (10, *INTERVALS):
+        r[e] = replay(r, e)
+    old = nearest_interval_rule()
+    for e in INTERVALS:
+        r[("interval_rule", e)] = replay(r, e, calibration=old)
     for e in (1, 10):
         for m in MARGINS:
             r[(e, m)] = replay(r, e, m)
@@ -210,7 +241,7 @@ def _one(args):
 
 
 def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
-    """Per model and result key (a logging interval, or ``(interval, margin)``): runs that did not diverge with
+    """Per model and result key (a logging interval, ``(interval, margin)`` or ``("interval_rule", interval)``): runs that did not diverge with
     any warning; diverged runs warned."""
     out = []
     for model in dict.fromkeys(x["model"] for x in rows):
@@ -219,7 +250,8 @@ def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
         div = [x for x in r if x["outcome"] == "diverged"]
         late = [x for x in div if x["diverge_step"] > 100]
         for e in keys:
-            key = {"every": e} if isinstance(e, int) else {"every": e[0], "margin": e[1]}
+            key = {"every": e} if isinstance(e, int) else {"every": e[1], "rule": "nearest interval"} \
+                if e[0] == "interval_rule" else {"every": e[0], "margin": e[1]}
             out.append({"model": model, **key, "not_diverged": len(quiet),
                         "not_diverged_warned": sum(x[e]["first_warning"] is not None for x in quiet),
                         "diverged": len(div), "diverged_after_100": len(late),
@@ -235,16 +267,22 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *MORE_MODELS])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, *MORE_MODELS, *HELDOUT_MODELS])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "warnings_external.json"))
+    ap.add_argument("--steps", type=int, default=STEPS, help=f"steps per run (default {STEPS})")
+    ap.add_argument("--peaks", type=float, nargs="+", default=list(PEAKS), help="peak LRs")
+    ap.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     ap.add_argument("--pool", default=None, help="folder to keep each run's history in (parquet); runs already "
                     "there are replayed instead of trained again, e.g. to measure changed detector settings")
     args = ap.parse_args()
-    jobs = [(m, sch, p, s, args.pool) for m in args.models for sch in SCHEDULES for s in SEEDS for p in PEAKS]
+    jobs = [(m, sch, p, s, args.pool, args.steps) for m in args.models for sch in args.schedules for s in SEEDS
+            for p in args.peaks]
     with ProcessPoolExecutor(args.workers) as ex:
         rows = list(tqdm(ex.map(_one, jobs), total=len(jobs), desc="external runs", unit="run"))
     summary = summarise(rows)
     tradeoff = summarise(rows, [(e, m) for e in (1, 10) for m in MARGINS])
+    intervals = summarise(rows, INTERVALS)
+    interval_rule = summarise(rows, [("interval_rule", e) for e in INTERVALS])
     table = [{"model": x["model"], "schedule": x["schedule"], "peak": x["peak"], "seed": x["seed"],
               "outcome": x["outcome"], "diverge_step": x["diverge_step"], "every": e,
               **{k: x[e][k] for k in ("first_warning", "lead", "metric", "module")}}
@@ -254,10 +292,15 @@ def main() -> int:
     print(markdown_table(pd.DataFrame(summary)))
     print()
     print(markdown_table(pd.DataFrame(tradeoff)))
+    print()
+    print(markdown_table(pd.DataFrame(intervals)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": STEPS, "schedules": SCHEDULES, "peaks": PEAKS, "seeds": SEEDS,
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "schedules": {k: SCHEDULES[k] for k in args.schedules},
+                                          "peaks": args.peaks, "seeds": SEEDS,
                                           "margins": MARGINS, "models": args.models,
-                                          "summary": summary, "tradeoff": tradeoff, "runs": table}, indent=1, default=str) + "\n")
+                                          "summary": summary, "tradeoff": tradeoff, "intervals": intervals,
+                                          "intervals_nearest_interval_rule": interval_rule,
+                                          "runs": table}, indent=1, default=str) + "\n")
     return 0
 
 

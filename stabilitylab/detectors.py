@@ -38,7 +38,8 @@ so they follow the schedule the calibration runs share and the false-alarm rate 
 healthy runs, not by each run's own early noise. Window, persistence and
 burn-in are in *steps*, so the same settings apply at every logging interval; the window is widened to span
 at least ``min_points`` logged steps (90 steps at ``every=10``), and thresholds are calibrated per logging
-interval (``Calibration.interval``; a detector given ``{interval: Calibration}`` takes the nearest one).
+interval (``Calibration.interval``; a detector given ``{interval: Calibration}`` takes the one whose slope window,
+``Calibration.window``, is nearest its own: ``pick_calibration``).
 
 Each warning carries a forecast: the leading series (the hot one with the largest ``s / threshold``), its
 metric and module, and the steps left to divergence ``(level_at_divergence[metric] - x_t) / g_t``
@@ -200,6 +201,13 @@ class Calibration:
     interval: int = 1
     """Logging interval (steps between logged steps) of the runs it was calibrated on: slopes over fewer
     points are noisier, so thresholds hold for this interval."""
+    window: int = 0
+    """Steps of the slope window its thresholds were computed with (``max(window, min_points * interval)``
+    of the calibrating config). A detector takes the calibration whose window is nearest its own
+    (``pick_calibration``): slopes fit on a window of another length have another noise level; at
+    ``every=5`` (a 60-step window) the every=10 thresholds (a 90-step window), which the nearest interval gave,
+    warned 110 of the 167 stable runs of ``benchmarks/warnings_external.py``'s eight families, the every=1 ones
+    29. 0: not recorded (older files); the nearest interval is taken then."""
     settings: Mapping[str, Any] = field(default_factory=dict)
     """``DetectorConfig`` fields chosen with these thresholds (``margin``, ``min_metrics``, ``persist``, by
     ``stabilitylab warnings evaluate``); a detector built with ``adopt`` takes them (see ``RunawayDetector``)."""
@@ -213,7 +221,8 @@ class Calibration:
         return {"thresholds": dict(self.thresholds), "bin_steps": self.bin_steps,
                 "level_at_divergence": dict(self.level_at_divergence),
                 "ratio_lo": self.ratio_lo, "ratio_hi": self.ratio_hi, "fallback_lead": self.fallback_lead,
-                "source": self.source, "interval": self.interval, "settings": dict(self.settings)}
+                "source": self.source, "interval": self.interval, "window": self.window,
+                "settings": dict(self.settings)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
@@ -258,11 +267,25 @@ def calibrations_to_dict(calibrations: Mapping[int, Calibration]) -> dict[str, A
     return {str(k): c.to_dict() for k, c in calibrations.items()}
 
 
-def pick_calibration(calibrations: Calibrations | None, interval: int) -> Calibration | None:
-    """The calibration for a logging interval: the one given, or the nearest interval (in log scale)."""
+def pick_calibration(calibrations: Calibrations | None, interval: int, window: int | None = None
+                     ) -> Calibration | None:
+    """The calibration for a run logged every ``interval`` steps whose slope window is ``window`` steps: the one
+    given; else, when ``window`` is given and every calibration recorded its window, the one with the nearest
+    window (in log scale; ties: the nearest interval); else the nearest interval (in log scale).
+
+    With the shipped defaults (every=1: a 60-step window, every=10: 90 steps) and ``DetectorConfig``'s window
+    rule ``max(60, 9 * interval)``, runs logged every 1-8 steps take the every=1 calibration, every 9+ steps
+    the every=10 one (``benchmarks/warnings_external.py``'s ``intervals`` measure 2, 5 and 20).
+    """
     if calibrations is None or isinstance(calibrations, Calibration):
         return calibrations
-    return calibrations[min(calibrations, key=lambda k: (abs(math.log(k / max(interval, 1))), k))]
+
+    def off(k: int) -> float:
+        return abs(math.log(k / max(interval, 1)))
+
+    if window is not None and window > 0 and all(c.window > 0 for c in calibrations.values()):
+        return calibrations[min(calibrations, key=lambda k: (abs(math.log(calibrations[k].window / window)), off(k), k))]
+    return calibrations[min(calibrations, key=lambda k: (off(k), k))]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -448,6 +471,8 @@ class RunawayDetector:
         self._calibrate(pick_calibration(self.calibrations, 1))
         self._first: int | None = None
         self._fixed = False
+        self.interval: int | None = None
+        """Steps between the first two logged steps (None before the second); picks the calibration."""
         self.window = self.config.window
         """Slope window in steps (``DetectorConfig.min_points``)."""
         self._last_warning = -(10**12)
@@ -460,8 +485,9 @@ class RunawayDetector:
             self._first = step
         elif not self._fixed and step > self._first:
             self._fixed = True
-            self.window = max(self.config.window, self.config.min_points * (step - self._first))
-            self._calibrate(pick_calibration(self.calibrations, step - self._first))
+            self.interval = step - self._first
+            self.window = max(self.config.window, self.config.min_points * self.interval)
+            self._calibrate(pick_calibration(self.calibrations, self.interval, self.window))
             for fit in self._series.values():
                 fit.window = self.window
             for fit in self._recent.values():
@@ -635,9 +661,10 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
         for m, (_, x) in top.items():
             levels.setdefault(m, []).append(x)
     gaps = [run[1][0] - run[0][0] for run in [*negatives, *(r for r, _ in positives)] if len(run) > 1]
+    interval = int(np.median(gaps)) if gaps else 1
     cal = Calibration(thresholds=thr, bin_steps=width,
                       level_at_divergence={m: float(np.median(v)) for m, v in levels.items()}, source=source,
-                      interval=int(np.median(gaps)) if gaps else 1)
+                      interval=interval, window=max(cfg.window, cfg.min_points * interval))
     ratios, leads = [], []
     for run, dstep in positives:
         ws = decide_run(run, cfg, cal, before=dstep).warnings
@@ -701,7 +728,7 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "grad.global_norm": [0.5703, 0.5703, 0.5703, 0.8209, 1.302, 1.306, 1.306],
             "loss": [0.1095, 0.1095, 0.132, 0.4381, 0.4381, 0.4381, 0.1866],
         },
-        bin_steps=50, interval=1, settings={"margin": 1.0, "min_metrics": 2, "persist": 0},
+        bin_steps=50, interval=1, window=60, settings={"margin": 1.0, "min_metrics": 2, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.231, "attn.entropy": 5.719, "logits.lse_mean": 4.957, "update.ratio": -1.674, "grad.global_norm": 0.03714, "loss": 1.207},
         ratio_lo=0.3752, ratio_hi=6.011, fallback_lead=104,
         source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, lag_points 5, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
@@ -715,7 +742,7 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
             "grad.global_norm": [0.4253, 0.4253, 0.474, 0.5873, 0.7652, 1.701, 1.701],
             "loss": [0.07731, 0.07731, 0.07731, 0.3092, 0.3092, 0.3092, 0.2607],
         },
-        bin_steps=50, interval=10, settings={"margin": 1.25, "min_metrics": 1, "persist": 0},
+        bin_steps=50, interval=10, window=90, settings={"margin": 1.25, "min_metrics": 1, "persist": 0},
         level_at_divergence={"attn.max_logit": 9.033, "attn.entropy": 5.323, "logits.lse_mean": 5.067, "update.ratio": -1.67, "grad.global_norm": 0.1503, "loss": 1.147},
         ratio_lo=0.4035, ratio_hi=4.52, fallback_lead=97,
         source="warnings benchmark v2, 144 runs, every=10 (window 60, min_points 9, lag_points 5, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "

@@ -411,6 +411,36 @@ def test_pick_calibration_takes_the_nearest_interval_in_log_scale():
         assert D.pick_calibration(three, i) is three[int(want)], i
 
 
+def test_pick_calibration_takes_the_nearest_window_when_every_calibration_recorded_one():
+    """Windows recorded: the nearest window in log scale wins (ties: the nearest interval); one calibration
+    without a window, or no window asked for, falls back to the nearest interval."""
+    a, b = _two_cals()
+    a, b = replace(a, window=60), replace(b, window=90)
+    cals = {1: a, 10: b}
+    cfg = D.DetectorConfig()
+    for every in range(1, 60):
+        w = max(cfg.window, cfg.min_points * every)
+        want = min((1, 10), key=lambda k: (abs(math.log(cals[k].window / w)), abs(math.log(k / every))))
+        assert D.pick_calibration(cals, every, w) is cals[want], every
+    assert [D.pick_calibration(cals, e, max(60, 9 * e)).source for e in (1, 5, 8, 9, 10, 50)] == list("aaabbb")
+    assert D.pick_calibration(cals, 5).source == "b"  # no window asked for: nearest interval
+    assert D.pick_calibration({1: a, 10: replace(b, window=0)}, 5, 60).source == "b"  # one without: intervals
+    tie = {1: a, 10: replace(b, window=60)}
+    assert D.pick_calibration(tie, 2, 60).source == "a" and D.pick_calibration(tie, 6, 60).source == "b"
+
+
+def test_calibrate_records_its_slope_window_and_it_round_trips():
+    run = [(s, {("m", ""): 1.0 + 0.01 * (s % 7)}) for s in range(0, 400, 10)]
+    cfg = D.DetectorConfig(watch={"m": "log"}, min_points=9, min_metrics=1)
+    cal = D.calibrate([D.score_run(run, cfg)], config=cfg)
+    assert (cal.interval, cal.window) == (10, 90)
+    assert D.Calibration.from_dict(cal.to_dict()) == cal
+    one = [(s, v) for s, v in ((s, {("m", ""): 1.0 + 0.01 * (s % 7)}) for s in range(300))]
+    assert D.calibrate([D.score_run(one, cfg)], config=cfg).window == 60  # every=1: the 60-step window
+    for k, c in D.DEFAULT_CALIBRATIONS.items():
+        assert c.window == max(cfg.window, cfg.min_points * c.interval) == max(60, 9 * k)
+
+
 def _runaway_run(every, n=600, onset=150):
     return [(s, {("m", ""): math.exp(2e-5 * max(s - onset, 0) ** 2)}) for s in range(0, n, every)]
 

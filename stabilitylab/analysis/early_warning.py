@@ -152,7 +152,7 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
         source: note stored in the calibration.
         envelope: steps per threshold bin (``DetectorConfig.envelope``; 0: one threshold per metric).
         extend: a calibration to keep as a floor (``detectors.extend_calibration``): ``"default"`` (the shipped
-            ``DEFAULT_CALIBRATIONS``, the one nearest your runs' logging interval), a ``Calibration``, a
+            ``DEFAULT_CALIBRATIONS``, the one whose slope window is nearest your runs', ``detectors.pick_calibration``), a ``Calibration``, a
             mapping or a JSON file. Your stable runs then only raise thresholds where your model grows faster
             than the benchmark's stable runs (the warnings benchmark's "own low-LR runs calibrate" split
             measures this), and the result carries that calibration's ``settings``. None: yours alone.
@@ -188,4 +188,4 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
         return own
     base = D.DEFAULT_CALIBRATIONS if isinstance(extend, str) and extend == "default" else \
         D.load_calibration(extend, "calibrate_warnings(extend=...)")
-    return D.extend_calibration(D.pick_calibration(base, own.interval), own)
+    return D.extend_calibration(D.pick_calibration(base, own.interval, own.window), own)

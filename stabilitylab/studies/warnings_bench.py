@@ -526,9 +526,10 @@ def splits(outcomes: pd.DataFrame) -> list[tuple[str, str, list[str], list[str]]
     return out
 
 
-def fixed_settings(settings_from: Any, every: int) -> dict[str, Any]:
-    """The ``margin`` / ``min_metrics`` / ``persist`` a calibration (file) carries for a logging interval."""
-    cal = D.pick_calibration(D.load_calibration(settings_from, "settings_from"), every)
+def fixed_settings(settings_from: Any, every: int, window: int | None = None) -> dict[str, Any]:
+    """The ``margin`` / ``min_metrics`` / ``persist`` a calibration (file) carries for a logging interval (and
+    slope window in steps: ``detectors.pick_calibration``)."""
+    cal = D.pick_calibration(D.load_calibration(settings_from, "settings_from"), every, window)
     if not cal.settings:
         raise ValueError(f"settings_from: its calibration for every={every} carries no settings; write one with "
                          "`stabilitylab warnings evaluate DEV_STORE --calibration-out FILE` (which chooses them)")
@@ -574,7 +575,8 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
     settings_from = D.load_calibration(settings_from, "settings_from")  # once, not per logging interval
     for every in everys:
-        fixed = replace(base, **fixed_settings(settings_from, every)) if settings_from is not None else None
+        fixed = replace(base, **fixed_settings(settings_from, every, max(base.window, base.min_points * every))) \
+            if settings_from is not None else None
         steps = run_steps(history, every)
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in mechanism_of}
         pools: dict[str, list[dict[str, Any]]] = {"seed": [], "mechanism": [], "own": []}

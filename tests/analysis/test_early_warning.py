@@ -194,6 +194,44 @@ def test_probe_defaults_to_the_shipped_calibrations_and_loads_a_mapping_file(tmp
         EarlyWarning(calibration=bad)
 
 
+def _feed(ew: EarlyWarning, every: int, n: int = 4) -> list[str]:
+    """Feed ``n`` logged steps ``every`` apart to the live path; the Python warnings it raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        for i in range(n):
+            ew.on_host(i * every, {("loss", ""): 3.0, ("grad.global_norm", ""): 1.0})
+    return [str(w.message) for w in got if issubclass(w.category, RuntimeWarning)]
+
+
+def test_probe_says_once_when_its_slope_window_is_far_from_its_calibrations():
+    """Shipped calibrations: every=1 with 60-step windows, every=10 with 90. Runs logged every 1-8 steps have
+    60-72 step windows (max(60, 9 * every)) and take every=1's, 9-12 take every=10's: no notice. every=20 (180
+    steps) and 50 (450) are told once, with the command that fixes it."""
+    for every in (1, 2, 5, 8, 9, 10, 12):
+        ew = EarlyWarning()
+        assert _feed(ew, every) == [], every
+        assert ew.detector.calibration is D.DEFAULT_CALIBRATIONS[1 if every <= 8 else 10], every
+    for every in (20, 50):
+        msgs = _feed(EarlyWarning(), every)
+        assert len(msgs) == 1, every
+        assert f"logs every {every} steps" in msgs[0] and f"this run's is {9 * every}" in msgs[0]
+        assert "windows of 90 steps" in msgs[0] and f"--every {every} --extend default" in msgs[0]
+    own = D.Calibration(thresholds={"loss": 1.0}, interval=1, window=60)  # your own, made at every=1 only
+    msgs = _feed(EarlyWarning(calibration=own), 10)
+    assert len(msgs) == 1 and "windows of 60 steps; this run's is 90" in msgs[0]
+    old = D.Calibration(thresholds={"loss": 1.0}, interval=1)  # a file from before windows were recorded
+    assert _feed(EarlyWarning(calibration=old), 2) == []
+    msgs = _feed(EarlyWarning(calibration=old), 10)
+    assert len(msgs) == 1 and "runs logged every 1 steps" in msgs[0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # offline replays stay silent, as for the warnings
+        EarlyWarning().replay(_history("r", 20, every=50))
+
+
 def test_probe_adopts_calibration_settings_it_was_not_given():
 
     cal = D.Calibration(thresholds={"attn.max_logit": 1.0}, settings={"margin": 2.5, "min_metrics": 1, "persist": 7})

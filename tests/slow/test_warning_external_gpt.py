@@ -41,3 +41,33 @@ def test_a_pooled_run_reads_back_and_replays_to_the_live_result(tmp_path):
     assert len(again["history"]) == len(live["history"]) > 0
     assert again[1] == live[1]
     assert live[1]["first_warning"] is not None, "pick a run the defaults warn, so the comparison means something"
+
+
+@pytest.mark.parametrize("model", ext.HELDOUT_MODELS)
+def test_each_held_out_family_trains_on_bytes_and_records_the_watched_signals_per_attention_module(model):
+    """Falcon (ALiBi), Phi-3 and Gemma 3 from small configs: 2 attention modules each record max logit and
+    entropy, and every watched signal is logged on every step."""
+    r = ext.train(3e-3, 1, steps=40, model=model, history=True)
+    h = r["history"]
+    attn = h[h["metric"] == "attn.max_logit"]
+    assert attn["module"].nunique() == 2 and attn["step"].nunique() == 40
+    from stabilitylab.detectors import DEFAULT_WATCH
+
+    for metric in DEFAULT_WATCH:
+        assert h.loc[h["metric"] == metric, "step"].nunique() == 40, metric
+    assert r["losses"][-1] < r["losses"][0] - 0.5  # it learns (5.5 nats at init)
+
+
+def test_long_runs_pool_under_their_own_name_and_the_old_rule_is_the_nearest_interval(tmp_path):
+    r = ext._pooled("gpt", "warm50_cos", 1e-3, 0, str(tmp_path), steps=30)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt_warm50_cos_0.001_0_30steps.json",
+                                                         "gpt_warm50_cos_0.001_0_30steps.parquet"]
+    assert len(r["losses"]) == 30
+    from stabilitylab import detectors as D
+
+    old = ext.nearest_interval_rule()
+    assert all(c.window == 0 for c in old.values()) and set(old) == set(D.DEFAULT_CALIBRATIONS)
+    for every in (4, 5, 8):  # the old rule gave these every=10's thresholds; the window rule every=1's
+        w = max(60, 9 * every)
+        assert D.pick_calibration(old, every, w).interval == 10
+        assert D.pick_calibration(D.DEFAULT_CALIBRATIONS, every, w).interval == 1
