@@ -56,7 +56,7 @@ MORE_MODELS = ("qwen2", "opt")
 HELDOUT_MODELS = ("falcon", "phi3", "gemma3")
 MARGINS = (1.0, 1.25, 1.5, 2.0)
 #: Further logging intervals the defaults are replayed at (``intervals`` in the JSON): the calibrations were made
-#: at every=1 and every=10 only, and a detector takes the nearest one.
+#: at every=1 and every=10 only, and a detector takes the one whose slope window is nearest its own.
 INTERVALS = (2, 3, 5, 7, 20)
 SCHEDULES = {"ramp300": (RAMP, "flat"), "warm50_cos": (50, "cos")}
 

@@ -275,7 +275,7 @@ def pick_calibration(calibrations: Calibrations | None, interval: int, window: i
 
     With the shipped defaults (every=1: a 60-step window, every=10: 90 steps) and ``DetectorConfig``'s window
     rule ``max(60, 9 * interval)``, runs logged every 1-8 steps take the every=1 calibration, every 9+ steps
-    the every=10 one (``benchmarks/warnings_external.py``'s ``intervals`` measure 2, 5 and 20).
+    the every=10 one (``benchmarks/warnings_external.py``'s ``intervals`` measure 2, 3, 5, 7 and 20).
     """
     if calibrations is None or isinstance(calibrations, Calibration):
         return calibrations
@@ -349,6 +349,10 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig(sustain={self.sustain!r}): must be a number in (0, 1]")
         if not (isinstance(self.accel, (int, float)) and self.accel >= 0):
             raise ValueError(f"DetectorConfig(accel={self.accel!r}): must be a number >= 0 (0: no gate)")
+
+    def window_at(self, interval: int) -> int:
+        """The slope window in steps at a logging interval: ``max(window, min_points * interval)``."""
+        return max(self.window, self.min_points * interval)
 
 
 @dataclass(frozen=True)
@@ -486,7 +490,7 @@ class RunawayDetector:
         elif not self._fixed and step > self._first:
             self._fixed = True
             self.interval = step - self._first
-            self.window = max(self.config.window, self.config.min_points * self.interval)
+            self.window = self.config.window_at(self.interval)
             self._calibrate(pick_calibration(self.calibrations, self.interval, self.window))
             for fit in self._series.values():
                 fit.window = self.window
@@ -664,7 +668,7 @@ def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRu
     interval = int(np.median(gaps)) if gaps else 1
     cal = Calibration(thresholds=thr, bin_steps=width,
                       level_at_divergence={m: float(np.median(v)) for m, v in levels.items()}, source=source,
-                      interval=interval, window=max(cfg.window, cfg.min_points * interval))
+                      interval=interval, window=cfg.window_at(interval))
     ratios, leads = [], []
     for run, dstep in positives:
         ws = decide_run(run, cfg, cal, before=dstep).warnings

@@ -152,8 +152,8 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
         source: note stored in the calibration.
         envelope: steps per threshold bin (``DetectorConfig.envelope``; 0: one threshold per metric).
         extend: a calibration to keep as a floor (``detectors.extend_calibration``): ``"default"`` (the shipped
-            ``DEFAULT_CALIBRATIONS``, the one whose slope window is nearest your runs', ``detectors.pick_calibration``), a ``Calibration``, a
-            mapping or a JSON file. Your stable runs then only raise thresholds where your model grows faster
+            ``DEFAULT_CALIBRATIONS``, the one whose slope window is nearest your runs':
+            ``detectors.pick_calibration``), a ``Calibration``, a mapping or a JSON file. Your stable runs then only raise thresholds where your model grows faster
             than the benchmark's stable runs (the warnings benchmark's "own low-LR runs calibrate" split
             measures this), and the result carries that calibration's ``settings``. None: yours alone.
         censor: steps at the end of each run that did not diverge left out of the thresholds (a run that ends

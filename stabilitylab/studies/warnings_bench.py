@@ -575,7 +575,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
     settings_from = D.load_calibration(settings_from, "settings_from")  # once, not per logging interval
     for every in everys:
-        fixed = replace(base, **fixed_settings(settings_from, every, max(base.window, base.min_points * every))) \
+        fixed = replace(base, **fixed_settings(settings_from, every, base.window_at(every))) \
             if settings_from is not None else None
         steps = run_steps(history, every)
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in mechanism_of}
