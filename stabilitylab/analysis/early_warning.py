@@ -12,8 +12,9 @@ forecast constants to your own runs.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -137,6 +138,14 @@ def run_steps(history: pd.DataFrame, every: int = 1) -> dict[str, list[tuple[int
     for a, b in zip(np.r_[0, cut], np.r_[cut, len(step)]):
         out.setdefault(str(rid[a]), []).append((int(step[a]), dict(zip(keys[a:b], vals[a:b]))))
     return out
+
+
+def logged_interval(steps: Mapping[str, Sequence[tuple[int, Any]]]) -> int:
+    """The logging interval of ``run_steps`` output: the median gap between consecutive logged steps over all
+    runs (1 when no run has two logged steps). A store a Monitor wrote with ``every=10`` subsampled to
+    ``every=1`` is still logged every 10 steps, and ``every=15`` keeps its steps 0, 30, 60, ...: 30."""
+    gaps = [b[0] - a[0] for run in steps.values() for a, b in zip(run, run[1:])]
+    return max(int(np.median(gaps)), 1) if gaps else 1
 
 
 def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mapping[str, float] | None = None,

@@ -69,7 +69,7 @@ import pandas as pd
 from stabilitylab import detectors as D
 from stabilitylab import metrics as M
 from stabilitylab._checks import int_at_least
-from stabilitylab.analysis.early_warning import run_steps
+from stabilitylab.analysis.early_warning import logged_interval, run_steps
 
 BENCHMARK_VERSION = "2"
 PROBES = ("attention", "logits", "optimizer")
@@ -552,6 +552,11 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     ``margin`` / ``min_metrics`` / ``persist`` per logging interval for every split, instead of choosing them
     on each split's calibration runs from ``grid``.
 
+    Each requested interval is measured at the interval its subsampled histories are really logged at
+    (``every`` in the results; ``meta["intervals"]`` maps each request to it): on a store a Monitor logged
+    with ``every=10``, ``everys=(1, 10)`` measures every=10 once, not the same histories twice with one row
+    labelled every=1.
+
     Returns:
         ``{"summary": DataFrame (one row per every x mechanism held out, plus the ``POOLS`` rows: each seed's
         held-out result pooled, each mechanism's held-out result pooled, on a benchmark folder the same over the gradual and over the
@@ -574,10 +579,14 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     kinds = {m.name: m.abrupt for sc in SCALES.values() for m in sc.mechanisms}
     mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
     settings_from = D.load_calibration(settings_from, "settings_from")  # once, not per logging interval
-    for every in everys:
+    intervals: dict[int, int] = {}  # requested every -> the interval its subsampled histories are logged at
+    for asked in everys:
+        steps = run_steps(history, asked)
+        every = intervals[asked] = logged_interval(steps)
+        if every in full_cal:  # e.g. every=1 on a store a Monitor logged every 10 steps: the same histories
+            continue
         fixed = replace(base, **fixed_settings(settings_from, every, base.window_at(every))) \
             if settings_from is not None else None
-        steps = run_steps(history, every)
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in mechanism_of}
         pools: dict[str, list[dict[str, Any]]] = {"seed": [], "mechanism": [], "own": []}
         tradeoff_rows: dict[float, list[dict[str, Any]]] = {m: [] for m in TRADEOFF_MARGINS}
@@ -632,7 +641,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
             "outcomes": outcomes, "tradeoff": pd.DataFrame(tradeoff),
             "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
                                                                          for k, v in asdict(base).items()},
-                     "grid": list(grid) if fixed is None else [], "censor": censor,
+                     "grid": list(grid) if fixed is None else [], "censor": censor, "intervals": intervals,
                      "settings": "fixed" if settings_from is not None else "chosen per split",
                      "outcome_definition": OUTCOME_DEFINITION, "evaluate_wall_s": round(time.time() - t0, 1)}}
 
@@ -676,6 +685,11 @@ def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tu
         s[f"{k}_ok"] = s[k].map(lambda x, op=op, v=v: "" if pd.isna(x) else ("yes" if (x >= v if op == ">=" else x <= v)
                                                                         else "no"))
     parts.append(Table(s, "Summary (goals met: the *_ok columns)"))
+    moved = {a: e for a, e in result["meta"].get("intervals", {}).items() if a != e}
+    if moved:
+        parts.append(Paragraph("Logging intervals: the store's histories subsampled to "
+                               + ", ".join(f"every={a} are logged every {e} steps" for a, e in moved.items())
+                               + ", so they are measured (and calibrated) at that interval."))
     pr = result["per_run"]
     held = pr[(pr["kind"] == "mechanism") & pr["first_warning"].notna()]
     burn = result["meta"]["detector"]["burn_in"]
@@ -760,8 +774,11 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
     runs, history = load_benchmark(args.store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        cals = {e: calibrate_warnings(runs, history, every=e, extend=args.extend, censor=args.censor,
-                                      source=f"{args.store}, every={e}") for e in args.every}
+        cals: dict[int, D.Calibration] = {}
+        for e in args.every:  # keyed by the interval the histories are logged at (every=1 on an every=10 store: 10)
+            cal = calibrate_warnings(runs, history, every=e, extend=args.extend, censor=args.censor,
+                                     source=f"{args.store}, every={e}")
+            cals.setdefault(cal.interval, cal)
     _write(args.out, json.dumps(D.calibrations_to_dict(cals), indent=1))
     for e, cal in cals.items():
         print(f"every={e}: {cal.source}; settings {dict(cal.settings) or 'none (EarlyWarning defaults)'}")

@@ -375,3 +375,26 @@ def test_cli_calibrate_writes_a_calibration_per_every_that_extends_the_defaults(
         assert dict(cals[e].settings) == dict(D.DEFAULT_CALIBRATIONS[e].settings)
     with pytest.raises(SystemExit):
         main(["warnings", "calibrate", str(out)])  # --out is required
+
+
+def test_a_store_logged_every_10_steps_is_measured_and_calibrated_at_10_not_labelled_every_1(reseeded, monkeypatch,
+                                                                                             tmp_path, capsys):
+    out, _ = reseeded
+    runs, history = W.load_benchmark(out)
+    full = W.evaluate(out, everys=(10,), grid=())
+    # the same runs as a Monitor(every=10) would have written them
+    monkeypatch.setattr(W, "load_benchmark", lambda path: (runs, history[history["step"] % 10 == 0]))
+    res = W.evaluate(out, everys=(1, 10, 20), grid=())
+    assert res["meta"]["intervals"] == {1: 10, 10: 10, 20: 20}
+    assert set(res["summary"]["every"]) == {10, 20} and set(res["calibrations"]) == {10, 20}
+    assert res["calibrations"][10].interval == 10 and res["calibrations"][20].interval == 20
+    cols = ["split", "n_runs", "stable_warned_share", "fa_steps_stable", "warned_50_share"]
+    got = res["summary"][res["summary"]["every"] == 10][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, full["summary"][cols].reset_index(drop=True))
+    assert res["calibrations"][10].thresholds == full["calibrations"][10].thresholds
+    assert "every=1 are logged every 10 steps" in W.markdown(res)
+    assert "every=1 are logged" not in W.markdown(full)
+    path = tmp_path / "mine.json"
+    assert main(["warnings", "calibrate", str(out), "--out", str(path), "--every", "1", "10"]) == 0
+    assert set(D.load_calibration(path)) == {10}
+    assert "every=10:" in capsys.readouterr().out
