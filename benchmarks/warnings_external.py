@@ -17,7 +17,8 @@ seeds each. Each run trains once with the Monitor at every=1 and ``EarlyWarning(
 recalibrated) live; the every=10 result replays the same defaults on the history subsampled to the steps a
 Monitor with every=10 logs (probes never change training), and ``INTERVALS`` the same at every=2, 3, 5, 7 and 20.
 ``MARGINS`` replays both intervals with ``EarlyWarning(margin=m)``: the lead-time vs false-alarm trade-off on
-models the defaults never saw. ``--models falcon phi3 gemma3`` trains ``HELDOUT_MODELS``, added after the
+models the defaults never saw; ``VARIANTS`` the same with the other adoptable settings (``min_metrics``, ``persist``)
+changed instead. ``--models falcon phi3 gemma3`` trains ``HELDOUT_MODELS``, added after the
 defaults were fixed; ``--steps/--peaks/--schedules`` change the runs (e.g. long stable runs: ``--steps 3000
 --peaks 0.001 0.003 --schedules warm50_cos``). Outcomes come from the loss alone
 (``detectors.label_outcome``). Reported per run: outcome, divergence step, first warning, lead, leading signal;
@@ -55,6 +56,10 @@ MORE_MODELS = ("qwen2", "opt")
 #: and Gemma 3 (RMSNorm with (1 + w), q/k norms, sliding-window layers, scaled embeddings); looked at once.
 HELDOUT_MODELS = ("falcon", "phi3", "gemma3")
 MARGINS = (1.0, 1.25, 1.5, 2.0)
+#: Other settings replayed at every=1 and every=10 (``variants`` in the JSON): name -> ``EarlyWarning`` arguments.
+#: (The every=10 default is min_metrics=1 at margin 1.25, every=1's min_metrics=2 at margin 1.)
+VARIANTS = {"min_metrics=2": {"min_metrics": 2}, "min_metrics=2, margin=1": {"min_metrics": 2, "margin": 1.0},
+            "persist=10": {"persist": 10}}
 #: Further logging intervals the defaults are replayed at (``intervals`` in the JSON): the calibrations were made
 #: at every=1 and every=10 only, and a detector takes the one whose slope window is nearest its own.
 INTERVALS = (2, 3, 5, 7, 20)
@@ -188,13 +193,14 @@ def _first(warned: list, run: dict) -> dict:
             "lead": (run["diverge_step"] - w.step) if (w and run["outcome"] == "diverged") else None}
 
 
-def replay(run: dict, every: int, margin: float | None = None, calibration=None) -> dict:
-    """The defaults (``margin``: with that margin; ``calibration``: those thresholds) replayed on a run's every=1
-    history subsampled to every ``every`` steps."""
+def replay(run: dict, every: int, margin: float | None = None, calibration=None, **settings) -> dict:
+    """The defaults (``margin``: with that margin; ``calibration``: those thresholds; ``settings``: other
+    ``EarlyWarning`` arguments) replayed on a run's every=1 history subsampled to every ``every`` steps."""
     import stabilitylab as sl
 
     h = run["history"]
-    return _first(sl.EarlyWarning(margin=margin, calibration=calibration).replay(h[h["step"] % every == 0]), run)
+    ew = sl.EarlyWarning(margin=margin, calibration=calibration, **settings)
+    return _first(ew.replay(h[h["step"] % every == 0]), run)
 
 
 def nearest_interval_rule() -> dict:
@@ -236,12 +242,14 @@ def _one(args):
     for e in (1, 10):
         for m in MARGINS:
             r[(e, m)] = replay(r, e, m)
+        for name, kw in VARIANTS.items():
+            r[("variant", e, name)] = replay(r, e, **kw)
     r.pop("history")
     return r
 
 
 def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
-    """Per model and result key (a logging interval, ``(interval, margin)`` or ``("interval_rule", interval)``): runs that did not diverge with
+    """Per model and result key (a logging interval, ``(interval, margin)``, ``("interval_rule", interval)`` or ``("variant", interval, VARIANTS name)``): runs that did not diverge with
     any warning; diverged runs warned."""
     out = []
     for model in dict.fromkeys(x["model"] for x in rows):
@@ -251,7 +259,8 @@ def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
         late = [x for x in div if x["diverge_step"] > 100]
         for e in keys:
             key = {"every": e} if isinstance(e, int) else {"every": e[1], "rule": "nearest interval"} \
-                if e[0] == "interval_rule" else {"every": e[0], "margin": e[1]}
+                if e[0] == "interval_rule" else {"every": e[1], "settings": e[2]} if e[0] == "variant" \
+                else {"every": e[0], "margin": e[1]}
             out.append({"model": model, **key, "not_diverged": len(quiet),
                         "not_diverged_warned": sum(x[e]["first_warning"] is not None for x in quiet),
                         "diverged": len(div), "diverged_after_100": len(late),
@@ -281,6 +290,7 @@ def main() -> int:
         rows = list(tqdm(ex.map(_one, jobs), total=len(jobs), desc="external runs", unit="run"))
     summary = summarise(rows)
     tradeoff = summarise(rows, [(e, m) for e in (1, 10) for m in MARGINS])
+    variants = summarise(rows, [("variant", e, name) for e in (1, 10) for name in VARIANTS])
     intervals = summarise(rows, INTERVALS)
     interval_rule = summarise(rows, [("interval_rule", e) for e in INTERVALS])
     table = [{"model": x["model"], "schedule": x["schedule"], "peak": x["peak"], "seed": x["seed"],
@@ -293,12 +303,14 @@ def main() -> int:
     print()
     print(markdown_table(pd.DataFrame(tradeoff)))
     print()
+    print(markdown_table(pd.DataFrame(variants)))
+    print()
     print(markdown_table(pd.DataFrame(intervals)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"steps": args.steps, "schedules": {k: SCHEDULES[k] for k in args.schedules},
                                           "peaks": args.peaks, "seeds": SEEDS,
                                           "margins": MARGINS, "models": args.models,
-                                          "summary": summary, "tradeoff": tradeoff, "intervals": intervals,
+                                          "summary": summary, "tradeoff": tradeoff, "variants": variants, "intervals": intervals,
                                           "intervals_nearest_interval_rule": interval_rule,
                                           "runs": table}, indent=1, default=str) + "\n")
     return 0

@@ -71,3 +71,21 @@ def test_long_runs_pool_under_their_own_name_and_the_old_rule_is_the_nearest_int
         w = max(60, 9 * every)
         assert D.pick_calibration(old, every, w).interval == 10
         assert D.pick_calibration(D.DEFAULT_CALIBRATIONS, every, w).interval == 1
+
+
+def test_variant_rows_are_keyed_by_interval_and_settings():
+    """``VARIANTS`` results summarise per model, interval and setting name, counting only their own replays."""
+    def res(first, lead):
+        return {"first_warning": first, "lead": lead, "metric": "loss", "module": "", "n_warnings": int(first is not None)}
+
+    key = ("variant", 10, "min_metrics=2")
+    rows = [{"model": "m", "outcome": "stable", "diverge_step": math.nan, key: res(150, None), 10: res(None, None)},
+            {"model": "m", "outcome": "diverged", "diverge_step": 300.0, key: res(200, 100.0), 10: res(290, 10.0)}]
+    (got,) = ext.summarise(rows, [key])
+    assert got["every"] == 10 and got["settings"] == "min_metrics=2" and "margin" not in got
+    assert (got["not_diverged"], got["not_diverged_warned"], got["diverged"], got["warned_before"], got["warned_50"]) \
+        == (1, 1, 1, 1, 1) and got["median_lead"] == 100.0
+    (plain,) = ext.summarise(rows, [10])
+    assert (plain["not_diverged_warned"], plain["warned_50"]) == (0, 0)
+    assert set(ext.VARIANTS) >= {"min_metrics=2"} and all(set(kw) <= {"min_metrics", "margin", "persist"}
+                                                         for kw in ext.VARIANTS.values())
