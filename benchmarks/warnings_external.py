@@ -248,6 +248,17 @@ def _one(args):
     return r
 
 
+def _key_columns(e) -> dict:
+    """The columns naming a result key of ``summarise``."""
+    if isinstance(e, int):
+        return {"every": e}
+    if e[0] == "interval_rule":
+        return {"every": e[1], "rule": "nearest interval"}
+    if e[0] == "variant":
+        return {"every": e[1], "settings": e[2]}
+    return {"every": e[0], "margin": e[1]}
+
+
 def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
     """Per model and result key (a logging interval, ``(interval, margin)``, ``("interval_rule", interval)`` or ``("variant", interval, VARIANTS name)``): runs that did not diverge with
     any warning; diverged runs warned."""
@@ -258,10 +269,7 @@ def summarise(rows: list[dict], keys=(1, 10)) -> list[dict]:
         div = [x for x in r if x["outcome"] == "diverged"]
         late = [x for x in div if x["diverge_step"] > 100]
         for e in keys:
-            key = {"every": e} if isinstance(e, int) else {"every": e[1], "rule": "nearest interval"} \
-                if e[0] == "interval_rule" else {"every": e[1], "settings": e[2]} if e[0] == "variant" \
-                else {"every": e[0], "margin": e[1]}
-            out.append({"model": model, **key, "not_diverged": len(quiet),
+            out.append({"model": model, **_key_columns(e), "not_diverged": len(quiet),
                         "not_diverged_warned": sum(x[e]["first_warning"] is not None for x in quiet),
                         "diverged": len(div), "diverged_after_100": len(late),
                         "warned_before": sum((x[e]["lead"] or -math.inf) > 0 for x in div),
