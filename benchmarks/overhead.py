@@ -48,6 +48,7 @@ import torch
 
 import stabilitylab as sl
 from stabilitylab.probes import DEFAULT
+from stabilitylab.studies.warnings_bench import cpu_name
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -335,10 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if run is not None:
             run.finish()
-    cpu_name = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     result = {
-        "machine": {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_name}",
+        "machine": {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_name()}",
                     "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "platform": platform.platform()},
         "timing": ("wall time between cuda.synchronize()" if args.device == "cuda" else

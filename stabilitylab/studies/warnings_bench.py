@@ -57,6 +57,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -242,6 +243,13 @@ def benchmark_specs(scale: BenchScale, device: str = "cpu") -> list[tuple[Mechan
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else ``platform.processor()``): a benchmark's histories depend on it (the README's CPU paragraph)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
+
+
 def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = None, executor: str = "processes",
           workers: int | None = 2, device: str = "cpu", progress: bool = True,
           seeds: tuple[int, ...] | None = None) -> dict[str, Any]:
@@ -299,7 +307,7 @@ def build(scale: str | BenchScale = "quick", out: str | os.PathLike | None = Non
     meta = {
         "benchmark_version": BENCHMARK_VERSION, "scale": asdict(sc), "outcome_definition": OUTCOME_DEFINITION,
         "probes": list(PROBES), "every": 1, "executor": executor, "workers": workers, "trained_now": n,
-        "build_wall_s": round(time.time() - t0, 1), "cpu_count": os.cpu_count(),
+        "build_wall_s": round(time.time() - t0, 1), "cpu_count": os.cpu_count(), "cpu": cpu_name(),
         "load_avg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "composition": composition(outcomes).to_dict("records"),
         "n_runs": len(outcomes), "n_diverged_after_150": int(((outcomes["outcome"] == "diverged")
@@ -661,7 +669,7 @@ def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tu
         parts.append(Paragraph(
             f"Built with `stabilitylab warnings build --scale {build_meta['scale']['name']} --seeds {seeds}` in "
             f"{build_meta['build_wall_s']} s wall ({build_meta['executor']}, {build_meta['workers']} workers, "
-            f"{build_meta['cpu_count']} cores; 1/5/15-min load average at the end "
+            f"{build_meta['cpu_count']} cores{' of ' + build_meta['cpu'] if build_meta.get('cpu') else ''}; 1/5/15-min load average at the end "
             f"{', '.join(f'{x:.1f}' for x in build_meta.get('load_avg_at_end') or [])}: "
             "the cores were shared with other work, so wall times are upper bounds)."))
     parts += [Table(result["composition"], "Composition (runs per mechanism and outcome)", level=2),

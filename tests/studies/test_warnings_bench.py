@@ -398,3 +398,39 @@ def test_a_store_logged_every_10_steps_is_measured_and_calibrated_at_10_not_labe
     assert main(["warnings", "calibrate", str(out), "--out", str(path), "--every", "1", "10"]) == 0
     assert set(D.load_calibration(path)) == {10}
     assert "every=10:" in capsys.readouterr().out
+
+
+def test_warnings_shipped_benchmark_measures_the_defaults_as_the_live_probe_replays_them(mini, tmp_path, monkeypatch):
+    """``benchmarks/warnings_shipped.py`` scores the shipped calibrations on a store without recalibrating: its
+    counts equal ``EarlyWarning()`` replayed on each run (``analysis.evaluate_warnings``, the live probe's code
+    path), a larger margin never warns more, and its JSON names the CPU (which the build records too)."""
+    import importlib.util
+    from pathlib import Path
+
+    from stabilitylab.analysis.early_warning import evaluate_warnings
+
+    spec = importlib.util.spec_from_file_location(
+        "warnings_shipped", Path(__file__).parents[2] / "benchmarks" / "warnings_shipped.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out, meta = mini
+    assert isinstance(meta["cpu"], str) and meta["cpu"]
+    rows = bench.measure(out, everys=(1,), margins=(1.0, 3.0), censor=0)
+    assert [(r["every"], r["settings"], r["margin"]) for r in rows] == [(1, "shipped", 1.0), (1, "margin=1", 1.0),
+                                                                        (1, "margin=3", 3.0)]
+    runs, history = W.load_benchmark(out)
+    per_run, _ = evaluate_warnings(runs, history)
+    shipped = rows[0]
+    stable, div = per_run[per_run["label"] == "stable"], per_run[per_run["label"] == "diverged"]
+    assert (shipped["n_stable"], shipped["n_diverged"]) == (len(stable), len(div)) and len(div) > 0
+    assert shipped["stable_warned_share"] == pytest.approx(stable["first_warning"].notna().mean())
+    assert shipped["warned_any_share"] == pytest.approx(div["lead_steps"].notna().mean())
+    assert shipped["warned_50_share"] == pytest.approx((div["lead_steps"] >= 50).mean())
+    assert {k: v for k, v in rows[1].items() if k != "settings"} == {k: v for k, v in shipped.items() if k != "settings"}
+    assert rows[2]["warned_any_share"] <= shipped["warned_any_share"]
+    assert rows[2]["stable_warned_share"] <= shipped["stable_warned_share"]
+    monkeypatch.setattr("sys.argv", ["warnings_shipped.py", str(out), "--every", "1", "--margins", "2",
+                                     "--out", str(tmp_path / "s.json")])
+    bench.main()
+    got = json.loads((tmp_path / "s.json").read_text())
+    assert got["cpu"] == meta["cpu"] and [r["settings"] for r in got["rows"]] == ["shipped", "margin=2"]
