@@ -725,7 +725,7 @@ def extend_calibration(base: Calibration, own: Calibration) -> Calibration:
 #: one per logging interval; regenerate and paste, or pass your own to ``EarlyWarning``. The thresholds and levels do
 #: not depend on the margin; the forecast interval's ratios do (they are fit on the calibration runs' first
 #: warnings), and every=10's were fit at margin 1.25: at margin 2 they cover 74% of the divergences warned on a
-#: rebuild of the benchmark on another CPU (``benchmarks/warnings_shipped.py``), 78% at 1.25.
+#: rebuild of the benchmark on another CPU (``stabilitylab warnings check``), 78% at 1.25.
 DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
     1: Calibration(
         thresholds={

@@ -2,6 +2,7 @@
 
     stabilitylab warnings build --scale quick --out runs/warnings_quick     # CPU, minutes
     stabilitylab warnings evaluate runs/warnings_quick                      # the table of issue 17
+    stabilitylab warnings check runs/my_store --margins 1.5 2               # the shipped defaults, as they are
 
 ``build`` trains every run of a versioned definition (``BENCHMARK_VERSION``) into ordinary sweep stores
 under ``--out`` (``proxy/`` for the built-in proxy, ``hf_gpt2/`` for a Hugging Face GPT-2 built from a
@@ -644,7 +645,9 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     if not summary:
         raise ValueError(f"{str(path)!r}: nothing to hold out; evaluate needs runs of at least 2 seeds or 2 "
                          "variants (mechanisms), so that some runs calibrate and others are tested")
-    return {"summary": pd.DataFrame(summary), "per_run": pd.DataFrame(per_run), "composition": composition(outcomes),
+    pr = pd.DataFrame(per_run)
+    pr = pr.sort_values(["every", "mechanism", "role", "lr", "seed"], kind="stable", ignore_index=True) if len(pr) else pr
+    return {"summary": pd.DataFrame(summary), "per_run": pr, "composition": composition(outcomes),
             "calibration": full_cal[min(full_cal, key=lambda e: (e != 1, e))], "calibrations": full_cal,
             "outcomes": outcomes, "tradeoff": pd.DataFrame(tradeoff),
             "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
@@ -653,6 +656,80 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
                      "settings": "fixed" if settings_from is not None else "chosen per split",
                      "outcome_definition": OUTCOME_DEFINITION, "evaluate_wall_s": round(time.time() - t0, 1)}}
 
+
+
+def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, ...] = EVERIES,
+          margins: Sequence[float] = (), censor: int = CENSOR) -> dict[str, Any]:
+    """The warning with a calibration as it is, nothing recalibrated, on every run of a store: what
+    ``EarlyWarning(calibration=calibration)`` would have said on those runs (``evaluate`` instead calibrates on
+    some runs and tests on the others).
+
+    ``calibration``: None (the shipped ``detectors.DEFAULT_CALIBRATIONS``), a ``Calibration``, a mapping or the
+    JSON file ``warnings calibrate`` / ``--calibration-out`` writes; at each interval the one a detector would
+    pick (``detectors.pick_calibration``), at its own settings and at each of ``margins``. Same outcome labels,
+    censoring and per-run measurement as ``evaluate``.
+
+    Returns:
+        ``{"summary": DataFrame (per interval and setting, the ``summarise`` numbers), "per_run": DataFrame (at
+        the calibration's own settings), "composition": DataFrame, "meta": {...}}``.
+    """
+    margins = [float(m) for m in margins]
+    if any(not m > 0 for m in margins):
+        raise ValueError(f"margins={margins}: each must be a number > 0 (a multiplier on the thresholds)")
+    cals = D.load_calibration(calibration, "calibration") or D.DEFAULT_CALIBRATIONS
+    runs, history = load_benchmark(path)
+    outcomes = label_runs(runs, history)
+    if outcomes.empty:
+        raise ValueError(f"{str(path)!r}: no run has a logged loss; the check needs Monitor histories")
+    base = D.DetectorConfig()
+    summary: list[dict[str, Any]] = []
+    per_run: list[dict[str, Any]] = []
+    intervals: dict[int, int] = {}  # requested every -> the interval its subsampled histories are logged at
+    for asked in everys:
+        steps = run_steps(history, asked)
+        every = logged_interval(steps)
+        if every in intervals.values():  # the same histories as an earlier request (a store logged every 10 steps)
+            intervals[asked] = every
+            continue
+        intervals[asked] = every
+        cal = D.pick_calibration(cals, every, base.window_at(every))
+        scored = {rid: D.score_run(steps[rid], base) for rid in outcomes["run_id"] if rid in steps}
+        for margin in (None, *margins):
+            settings = {**cal.settings, **({} if margin is None else {"margin": margin})}
+            cfg = replace(base, **{k: settings[k] for k in D.ADOPTABLE if k in settings})
+            res, rows = _measure(list(scored), outcomes, scored, cfg, cal, censor=censor)
+            summary.append({"every": every, "settings": "calibration's" if margin is None else f"margin={margin:g}",
+                            "margin": cfg.margin, "min_metrics": cfg.min_metrics, "persist": cfg.persist, **res})
+            if margin is None:
+                per_run += [{**r, "every": every} for r in rows]
+    source = "the shipped defaults" if calibration is None else (
+        str(calibration) if isinstance(calibration, (str, os.PathLike)) else "a calibration passed in")
+    pr = pd.DataFrame(per_run)
+    pr = pr.sort_values(["every", "mechanism", "role", "lr", "seed"], kind="stable", ignore_index=True) if len(pr) else pr
+    return {"summary": pd.DataFrame(summary), "per_run": pr, "composition": composition(outcomes),
+            "meta": {"calibration": source, "censor": censor, "intervals": intervals, "margins": margins,
+                     "sources": {e: D.pick_calibration(cals, e, base.window_at(e)).source
+                                 for e in sorted(set(intervals.values()))}}}
+
+
+def check_markdown(result: dict[str, Any]) -> str:
+    """``check``'s result as markdown: composition, summary, every diverged run and every stable run warned."""
+    from stabilitylab.report import Paragraph, Table, render
+
+    pr = result["per_run"]
+    cols = ["every", "mechanism", "role", "lr", "seed", "outcome", "diverge_step", "first_warning", "lead_steps",
+            "metric", "module", "steps_left", "steps_left_lo", "steps_left_hi"]
+    meta = result["meta"]
+    parts = [Paragraph(f"Calibration: {meta['calibration']}, not recalibrated ("
+                       + "; ".join(f"every={e}: {src}" for e, src in meta["sources"].items())
+                       + f"). The last {meta['censor']} steps of runs that did not diverge are not judged."),
+             Table(result["composition"], "Composition (runs per mechanism and outcome)", level=2),
+             Table(result["summary"], "Summary (per logging interval and setting)", level=2),
+             Table(pr[pr["outcome"] == "diverged"][cols], "Diverged runs (the calibration's settings)", level=2,
+                   collapse_rows=40),
+             Table(pr[(pr["outcome"] != "diverged") & pr["first_warning"].notna()][cols],
+                   "Runs that did not diverge and were warned", level=2, collapse_rows=40)]
+    return render("Early warning on a store, as calibrated", parts)[1].rstrip("\n")
 
 
 def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tuple[str, list]:
@@ -770,6 +847,24 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_cmd(args: argparse.Namespace) -> int:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = check(args.store, calibration=args.calibration, everys=tuple(args.every), margins=args.margins,
+                    censor=args.censor)
+    md = check_markdown(res)
+    print(md)
+    if args.json:
+        meta_file = Path(args.store) / "benchmark.json"
+        recs = {k: json.loads(res[k].to_json(orient="records")) for k in ("summary", "per_run", "composition")}
+        _write(args.json, json.dumps({"meta": res["meta"], "cpu": cpu_name(),
+                                      "build": json.loads(meta_file.read_text()) if meta_file.exists() else None,
+                                      **recs}, indent=1, default=str))
+    if args.md:
+        _write(args.md, md)
+    return 0
+
+
 def _write(path: str | os.PathLike, text: str) -> None:
     """Write a CLI output file (its folder created), ending in one newline."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -825,6 +920,21 @@ def add_parser(sub) -> None:
                    help="write the calibrations on every run, one per --every (JSON), for EarlyWarning(calibration=...)")
     e.add_argument("--report", default=None, help="write an HTML report with the figures to this folder")
     e.set_defaults(func=_evaluate_cmd)
+    k = wsub.add_parser("check", help="the warning as calibrated (default: the shipped defaults), nothing "
+                                      "recalibrated, on every run of a store")
+    k.add_argument("store", help="benchmark folder (from `warnings build`) or any sweep store with loss histories")
+    k.add_argument("--calibration", default=None, metavar="CALIBRATION_JSON",
+                   help="a calibration file (`warnings calibrate --out`, `evaluate --calibration-out`); default: "
+                        "the shipped defaults")
+    k.add_argument("--every", type=int, nargs="+", default=list(EVERIES),
+                   help="logging intervals to check by subsampling the histories (default 1 10)")
+    k.add_argument("--margins", type=float, nargs="*", default=[],
+                   help="also check at these threshold margins (e.g. 1 1.5 2), besides the calibration's own")
+    k.add_argument("--censor", type=int, default=CENSOR,
+                   help=f"steps at the end of runs that did not diverge that are not judged (default {CENSOR})")
+    k.add_argument("--json", default=None, help="also write the results as JSON here")
+    k.add_argument("--md", default=None, help="also write the markdown here")
+    k.set_defaults(func=_check_cmd)
     c = wsub.add_parser("calibrate", help="fit the warning's thresholds to your own runs and write a calibration file")
     c.add_argument("store", help="a sweep store (or benchmark folder) with Monitor histories, incl. the loss")
     c.add_argument("--out", required=True, help="calibration JSON to write (EarlyWarning(calibration=FILE))")

@@ -400,37 +400,48 @@ def test_a_store_logged_every_10_steps_is_measured_and_calibrated_at_10_not_labe
     assert "every=10:" in capsys.readouterr().out
 
 
-def test_warnings_shipped_benchmark_measures_the_defaults_as_the_live_probe_replays_them(mini, tmp_path, monkeypatch):
-    """``benchmarks/warnings_shipped.py`` scores the shipped calibrations on a store without recalibrating: its
-    counts equal ``EarlyWarning()`` replayed on each run (``analysis.evaluate_warnings``, the live probe's code
-    path), a larger margin never warns more, and its JSON names the CPU (which the build records too)."""
-    import importlib.util
-    from pathlib import Path
 
+def test_check_measures_a_calibration_as_the_live_probe_replays_it(mini, tmp_path, capsys):
+    """``warnings check`` scores a calibration as it is (default: the shipped ones) on every run of a store: its
+    counts equal ``EarlyWarning()`` replayed run by run (``analysis.evaluate_warnings``, the live probe's code
+    path), a larger margin never warns more, a calibration of yours is taken from its file, and the JSON names
+    the CPU (which the build records too)."""
     from stabilitylab.analysis.early_warning import evaluate_warnings
 
-    spec = importlib.util.spec_from_file_location(
-        "warnings_shipped", Path(__file__).parents[2] / "benchmarks" / "warnings_shipped.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     out, meta = mini
     assert isinstance(meta["cpu"], str) and meta["cpu"]
-    rows = bench.measure(out, everys=(1,), margins=(1.0, 3.0), censor=0)
-    assert [(r["every"], r["settings"], r["margin"]) for r in rows] == [(1, "shipped", 1.0), (1, "margin=1", 1.0),
-                                                                        (1, "margin=3", 3.0)]
+    res = W.check(out, everys=(1,), margins=(1.0, 3.0), censor=0)
+    s = res["summary"]
+    assert list(zip(s["every"], s["settings"], s["margin"])) == [(1, "calibration's", 1.0), (1, "margin=1", 1.0),
+                                                                (1, "margin=3", 3.0)]
     runs, history = W.load_benchmark(out)
     per_run, _ = evaluate_warnings(runs, history)
-    shipped = rows[0]
     stable, div = per_run[per_run["label"] == "stable"], per_run[per_run["label"] == "diverged"]
-    assert (shipped["n_stable"], shipped["n_diverged"]) == (len(stable), len(div)) and len(div) > 0
-    assert shipped["stable_warned_share"] == pytest.approx(stable["first_warning"].notna().mean())
-    assert shipped["warned_any_share"] == pytest.approx(div["lead_steps"].notna().mean())
-    assert shipped["warned_50_share"] == pytest.approx((div["lead_steps"] >= 50).mean())
-    assert {k: v for k, v in rows[1].items() if k != "settings"} == {k: v for k, v in shipped.items() if k != "settings"}
-    assert rows[2]["warned_any_share"] <= shipped["warned_any_share"]
-    assert rows[2]["stable_warned_share"] <= shipped["stable_warned_share"]
-    monkeypatch.setattr("sys.argv", ["warnings_shipped.py", str(out), "--every", "1", "--margins", "2",
-                                     "--out", str(tmp_path / "s.json")])
-    bench.main()
-    got = json.loads((tmp_path / "s.json").read_text())
-    assert got["cpu"] == meta["cpu"] and [r["settings"] for r in got["rows"]] == ["shipped", "margin=2"]
+    own = s.iloc[0]
+    assert (own["n_stable"], own["n_diverged"]) == (len(stable), len(div)) and len(div) > 0
+    assert own["stable_warned_share"] == pytest.approx(stable["first_warning"].notna().mean())
+    assert own["warned_any_share"] == pytest.approx(div["lead_steps"].notna().mean())
+    assert own["warned_50_share"] == pytest.approx((div["lead_steps"] >= 50).mean())
+    mine = res["per_run"].set_index("run_id")["first_warning"]
+    theirs = per_run.set_index("run_id")["first_warning"]
+    pd.testing.assert_series_equal(mine.sort_index(), theirs.sort_index(), check_names=False)
+    assert s.iloc[1].drop("settings").equals(own.drop("settings"))
+    assert s.iloc[2]["warned_any_share"] <= own["warned_any_share"]
+    assert s.iloc[2]["stable_warned_share"] <= own["stable_warned_share"]
+    # a calibration that no growth can pass: nothing is warned
+    deaf = {1: replace(D.DEFAULT_CALIBRATIONS[1], thresholds={m: 1e9 for m in D.DEFAULT_CALIBRATIONS[1].thresholds})}
+    path = tmp_path / "deaf.json"
+    path.write_text(json.dumps(D.calibrations_to_dict(deaf)))
+    assert main(["warnings", "check", str(out), "--calibration", str(path), "--every", "1", "--censor", "0",
+                 "--json", str(tmp_path / "c.json"), "--md", str(tmp_path / "c.md")]) == 0
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert got["cpu"] == meta["cpu"] and got["meta"]["calibration"] == str(path)
+    assert [r["warned_any_share"] for r in got["summary"]] == [0.0]
+    assert all(r["first_warning"] is None for r in got["per_run"])
+    assert "Diverged runs" in capsys.readouterr().out and (tmp_path / "c.md").read_text().startswith("# Early warning")
+    assert list(W.check(out, everys=(1, 1), censor=0)["meta"]["intervals"].items()) == [(1, 1)]
+    assert len(W.check(out, everys=(1, 1), censor=0)["summary"]) == 1
+    with pytest.raises(ValueError, match="margins"):
+        W.check(out, margins=(0,))
+    with pytest.raises(FileNotFoundError, match="calibration="):
+        W.check(out, calibration=tmp_path / "missing.json")
