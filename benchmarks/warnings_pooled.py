@@ -85,10 +85,10 @@ def main() -> None:
         scored = {rid: D.score_run(steps[rid], base) for rid in tqdm(outcomes["run_id"], desc=f"score every={every}")}
         k = D.DEFAULT_CALIBRATIONS[every].settings["min_metrics"]
         shipped = D.pick_calibration(D.DEFAULT_CALIBRATIONS, every, base.window_at(every))
+        cfg0 = replace(base, min_metrics=k)
         for held in tqdm(groups, desc=f"hold out every={every}"):
             test = list(outcomes.loc[outcomes["group"] == held, "run_id"])
             fit = list(outcomes.loc[outcomes["group"] != held, "run_id"])
-            cfg0 = replace(base, min_metrics=k)
             pooled = W._calibrate(fit, outcomes, scored, cfg0, f"all groups but {held}", censor=a.censor)
             for name, cal in (("pooled", pooled), ("shipped", shipped)):
                 for m in MARGINS:
@@ -104,7 +104,7 @@ def main() -> None:
                 for seed in sorted(bench["seed"].unique()):
                     test = list(bench.loc[bench["seed"] == seed, "run_id"])
                     fit = list(bench.loc[bench["seed"] != seed, "run_id"]) + (ext_ids if name != "benchmark alone" else [])
-                    cfg = replace(base, min_metrics=k, margin=m)
+                    cfg = replace(cfg0, margin=m)
                     cal = W._calibrate(fit, outcomes, scored, cfg, name, censor=a.censor)
                     per_seed += W._measure(test, outcomes, scored, cfg, cal, censor=a.censor)[1]
                 seeds.append({"every": every, "calibration": name, "margin": m, "min_metrics": k,

@@ -685,14 +685,14 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
     summary: list[dict[str, Any]] = []
     per_run: list[dict[str, Any]] = []
     intervals: dict[int, int] = {}  # requested every -> the interval its subsampled histories are logged at
+    sources: dict[int, str] = {}  # logged interval -> the source of the calibration picked for it
     for asked in everys:
         steps = run_steps(history, asked)
-        every = logged_interval(steps)
-        if every in intervals.values():  # the same histories as an earlier request (a store logged every 10 steps)
-            intervals[asked] = every
+        every = intervals[asked] = logged_interval(steps)
+        if every in sources:  # the same histories as an earlier request (a store logged every 10 steps)
             continue
-        intervals[asked] = every
         cal = D.pick_calibration(cals, every, base.window_at(every))
+        sources[every] = cal.source
         scored = {rid: D.score_run(steps[rid], base) for rid in outcomes["run_id"] if rid in steps}
         for margin in (None, *margins):
             settings = {**cal.settings, **({} if margin is None else {"margin": margin})}
@@ -708,8 +708,7 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
     pr = pr.sort_values(["every", "mechanism", "role", "lr", "seed"], kind="stable", ignore_index=True) if len(pr) else pr
     return {"summary": pd.DataFrame(summary), "per_run": pr, "composition": composition(outcomes),
             "meta": {"calibration": source, "censor": censor, "intervals": intervals, "margins": margins,
-                     "sources": {e: D.pick_calibration(cals, e, base.window_at(e)).source
-                                 for e in sorted(set(intervals.values()))}}}
+                     "sources": dict(sorted(sources.items()))}}
 
 
 def check_markdown(result: dict[str, Any]) -> str:
@@ -830,8 +829,7 @@ def _evaluate_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = evaluate(args.store, everys=tuple(args.every), censor=args.censor, settings_from=args.settings_from)
-    meta_file = Path(args.store) / "benchmark.json"
-    build_meta = json.loads(meta_file.read_text()) if meta_file.exists() else None
+    build_meta = _build_meta(args.store)
     md = markdown(res, build_meta)
     print(md)
     if args.json:
@@ -855,14 +853,18 @@ def _check_cmd(args: argparse.Namespace) -> int:
     md = check_markdown(res)
     print(md)
     if args.json:
-        meta_file = Path(args.store) / "benchmark.json"
         recs = {k: json.loads(res[k].to_json(orient="records")) for k in ("summary", "per_run", "composition")}
-        _write(args.json, json.dumps({"meta": res["meta"], "cpu": cpu_name(),
-                                      "build": json.loads(meta_file.read_text()) if meta_file.exists() else None,
+        _write(args.json, json.dumps({"meta": res["meta"], "cpu": cpu_name(), "build": _build_meta(args.store),
                                       **recs}, indent=1, default=str))
     if args.md:
         _write(args.md, md)
     return 0
+
+
+def _build_meta(store: str | os.PathLike) -> dict[str, Any] | None:
+    """A benchmark folder's ``benchmark.json`` (what ``build`` wrote), or None for any other store."""
+    meta_file = Path(store) / "benchmark.json"
+    return json.loads(meta_file.read_text()) if meta_file.exists() else None
 
 
 def _write(path: str | os.PathLike, text: str) -> None:
