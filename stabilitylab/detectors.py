@@ -211,18 +211,29 @@ class Calibration:
     settings: Mapping[str, Any] = field(default_factory=dict)
     """``DetectorConfig`` fields chosen with these thresholds (``margin``, ``min_metrics``, ``persist``, by
     ``stabilitylab warnings evaluate``); a detector built with ``adopt`` takes them (see ``RunawayDetector``)."""
+    also: tuple[Calibration, ...] = ()
+    """Further rules, each a calibration of its own slope window (``window``, > 0) and ``settings``, which it
+    always adopts: a detector with this calibration warns when it or any of these warns (``RunawayDetector``).
+    The shipped every=1 calibration carries one, the *sustained* rule: a 90-step window, one metric, margin 2.5
+    (see ``DEFAULT_CALIBRATIONS``)."""
 
     def __post_init__(self) -> None:
         bad = set(self.settings) - set(ADOPTABLE)
         if bad:
             raise ValueError(f"Calibration(settings={dict(self.settings)}): only {ADOPTABLE} can be carried")
+        also = tuple(a if isinstance(a, Calibration) else Calibration.from_dict(a) for a in self.also)
+        for a in also:
+            if a.window <= 0 or a.also:
+                raise ValueError(f"Calibration(also=...): each further rule needs its slope window (window > 0, got "
+                                 f"{a.window}) and no further rules of its own ({len(a.also)} given)")
+        object.__setattr__(self, "also", also)
 
     def to_dict(self) -> dict[str, Any]:
         return {"thresholds": dict(self.thresholds), "bin_steps": self.bin_steps,
                 "level_at_divergence": dict(self.level_at_divergence),
                 "ratio_lo": self.ratio_lo, "ratio_hi": self.ratio_hi, "fallback_lead": self.fallback_lead,
                 "source": self.source, "interval": self.interval, "window": self.window,
-                "settings": dict(self.settings)}
+                "settings": dict(self.settings), "also": [a.to_dict() for a in self.also]}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Calibration:
@@ -369,6 +380,8 @@ class WarningForecast:
     steps_left_hi: float
     hot: tuple[tuple[str, str], ...]
     """Every hot (metric, module) at the warning."""
+    window: int = 0
+    """Slope window in steps of the rule that warned (the calibration's own, or one of ``Calibration.also``)."""
 
 
 class _Slope:
@@ -461,6 +474,16 @@ class RunawayDetector:
         self.calibration = cal = calibration
         take = {k: v for k, v in (cal.settings if cal is not None else {}).items() if k in self.adopt}
         self.config = replace(self.base_config, **take) if take else self.base_config
+        also = cal.also if cal is not None else ()
+        if [c.calibration for c in self._children] != list(also):
+            # a margin set apart from the calibration's scales every rule alike
+            scale = self.config.margin / float(cal.settings.get("margin", 1.0)) if cal is not None else 1.0
+            self._children = [RunawayDetector(replace(self.base_config, window=a.window,
+                                                      margin=scale * float(a.settings.get("margin", 1.0))),
+                                              a, adopt=tuple(k for k in ADOPTABLE if k != "margin")) for a in also]
+            for step, values in self._early:  # rules picked at the second logged step see the first one too
+                for child in self._children:
+                    child.update(step, values)
         self._bin = cal.bin_steps if cal is not None else 0
         self._thresholds = {} if cal is None else \
             {m: [self.config.margin * float(v) for v in t] if isinstance(t, (list, tuple))
@@ -468,6 +491,9 @@ class RunawayDetector:
 
     def reset(self) -> None:
         """Forget every series (a new run)."""
+        self._children: list[RunawayDetector] = []
+        """One detector per further rule of the calibration (``Calibration.also``)."""
+        self._early: list[tuple[int, Mapping[tuple[str, str], float]]] = []
         self._series: dict[tuple[str, str], _Slope] = {}
         self._recent: dict[tuple[str, str], _Slope] = {}
         self._above: dict[tuple[str, str], int] = {}
@@ -503,6 +529,8 @@ class RunawayDetector:
         out: Scored = []
         watch = self.config.watch
         window = self._window(step)
+        if not self._fixed:
+            self._early.append((step, values))
         for key, raw in values.items():
             how = watch.get(key[0])
             if how is None:
@@ -557,13 +585,34 @@ class RunawayDetector:
         self._last_warning = step
         ratio, (metric, module), slope, level = max(hot, key=lambda h: h[0])
         est, lo, hi = self.forecast(metric, level, slope)
-        w = WarningForecast(step, metric, module, ratio, est, lo, hi, tuple(sorted(recent)))
+        w = WarningForecast(step, metric, module, ratio, est, lo, hi, tuple(sorted(recent)), window)
         self.warnings.append(w)
         return w
 
     def update(self, step: int, values: Mapping[tuple[str, str], float]) -> WarningForecast | None:
         """Feed one logged step's raw values (``{(metric, module): value}``); returns a warning or None."""
-        return self.decide(step, self.score(step, values))
+        w = self.decide(step, self.score(step, values))
+        return self._merge(step, w, [c.update(step, values) for c in self._children]) if self._children else w
+
+    def _merge(self, step: int, w: WarningForecast | None, further: list[WarningForecast | None]) -> WarningForecast | None:
+        """This step's result over every rule: an alarm step if any rule's was; this rule's warning, else the
+        first further rule's, outside the cooldown of the last warning of any rule."""
+        if any(c.alarm_steps and c.alarm_steps[-1] == step for c in self._children) and \
+                not (self.alarm_steps and self.alarm_steps[-1] == step):
+            self.alarm_steps.append(step)
+        if w is not None or step - self._last_warning < self.config.cooldown:
+            return w
+        w = next((x for x in further if x is not None), None)
+        if w is not None:
+            self._last_warning = step
+            self.warnings.append(w)
+        return w
+
+    @property
+    def rule_windows(self) -> list[int]:
+        """Slope windows (``DetectorConfig.window``) the further rules score on: ``decide_run`` needs runs scored
+        on each (``score_run(steps, replace(config, window=w))``)."""
+        return [c.base_config.window for c in self._children]
 
     def forecast(self, metric: str, level: float, slope_per_step: float) -> tuple[float, float, float]:
         """Steps left to divergence and its interval from the leading signal's level and slope."""
@@ -591,15 +640,47 @@ def score_run(steps: Steps, config: DetectorConfig | None = None) -> list[tuple[
 
 
 def decide_run(scored: ScoredRun, config: DetectorConfig | None = None, calibration: Calibrations | None = None,
-               before: float = math.inf) -> RunawayDetector:
+               before: float = math.inf, also: Mapping[int, ScoredRun] | None = None) -> RunawayDetector:
     """Replay ``decide`` over a scored run (steps ``< before``) on a fresh detector; returns the detector
-    (its ``warnings`` and ``alarm_steps``)."""
+    (its ``warnings`` and ``alarm_steps``, over every rule: what ``update`` gives live).
+
+    ``also``: the run scored with each further rule's slope window (``Calibration.also``), ``{window: scored}``
+    (``score_rules``); without it a calibration's further rules are left out (this rule alone)."""
     det = RunawayDetector(config, calibration)
-    for step, sc in scored:
+    fed: dict[int, int] = {}
+    for i, (step, sc) in enumerate(scored):
         if step >= before:
             break
-        det.decide(step, sc)
+        w = det.decide(step, sc)
+        if not det._children or also is None:
+            continue
+        further = []
+        for child in det._children:
+            rows = also.get(child.base_config.window)
+            if rows is None:
+                raise ValueError(f"decide_run(also=...): no run scored with the {child.base_config.window}-step window "
+                                 f"of a further rule (given: {sorted(also)}); use score_rules")
+            k, r = fed.get(id(child), 0), None
+            while k <= i:  # a rule picked at the second logged step sees the first one too
+                r = child.decide(*rows[k])
+                k += 1
+            fed[id(child)] = k
+            further.append(r)
+        det._merge(step, w, further)
     return det
+
+
+def rule_windows(calibrations: Calibrations | None) -> list[int]:
+    """Every slope window a further rule of these calibrations scores on (``Calibration.also``)."""
+    cals = [calibrations] if isinstance(calibrations, Calibration) else list((calibrations or {}).values())
+    return sorted({a.window for c in cals for a in c.also})
+
+
+def score_rules(steps: Steps, config: DetectorConfig | None = None, calibrations: Calibrations | None = None
+                ) -> dict[int, list[tuple[int, Scored]]]:
+    """The run scored with each further rule's slope window (``rule_windows``): ``decide_run``'s ``also``."""
+    cfg = config or DetectorConfig()
+    return {w: score_run(steps, replace(cfg, window=w)) for w in rule_windows(calibrations)}
 
 
 def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRun, float]] = (),
@@ -722,7 +803,12 @@ def extend_calibration(base: Calibration, own: Calibration) -> Calibration:
 #: Calibrations shipped as the defaults: ``stabilitylab warnings evaluate --settings-from DEV --calibration-out``
 #: on the quick benchmark (v2, 6 seeds, all 144 runs; the settings those of the development build on seeds
 #: 10-12, except every=10's margin: 2, chosen on benchmarks/warnings_external.py's families, see its ``source``),
-#: one per logging interval; regenerate and paste, or pass your own to ``EarlyWarning``. The thresholds and levels do
+#: one per logging interval; regenerate and paste, or pass your own to ``EarlyWarning``. every=1 carries a second
+#: rule (``Calibration.also``), the *sustained* rule: one signal growing over a 90-step window faster than 2.5x any
+#: stable run's, next to the main rule's two signals over 60 steps; it catches the divergences of models the
+#: benchmark does not train, whose signals grow for longer but on fewer metrics at once (on the eight families
+#: of benchmarks/warnings_external.py, divergences warned >= 50 steps ahead 7 -> 15 of 24, runs that did not
+#: diverge warned 21 -> 25 of 168; on the benchmark, each seed held out, 40% -> 44% with no stable run added). The thresholds and levels do
 #: not depend on the margin; the forecast interval's ratios do (they are fit on the calibration runs' first
 #: warnings), and every=10's were fit at margin 1.25: at margin 2 they cover 74% of the divergences warned on a
 #: rebuild of the benchmark on another CPU (``stabilitylab warnings check``), 78% at 1.25.
@@ -740,7 +826,22 @@ DEFAULT_CALIBRATIONS: dict[int, Calibration] = {
         level_at_divergence={"attn.max_logit": 9.231, "attn.entropy": 5.719, "logits.lse_mean": 4.957, "update.ratio": -1.674, "grad.global_norm": 0.03714, "loss": 1.207},
         ratio_lo=0.3752, ratio_hi=6.011, fallback_lead=104,
         source="warnings benchmark v2, 144 runs, every=1 (window 60, min_points 9, lag_points 5, burn-in 60, envelope 50, floor 0.25; tiny proxies and a "
-               "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)"),
+               "tiny GPT-2 on byte-level text, LR ramps, step-ups and spikes over 450 steps)",
+        also=(Calibration(  # the sustained rule: benchmarks/warnings_rules.py (benchmarks/results/warnings_rules.json)
+            thresholds={
+                "attn.max_logit": [5.653, 5.653, 5.653, 5.653, 4.222, 4.222, 3.786],
+                "attn.entropy": [1.58, 1.58, 3.584, 4.501, 4.501, 4.501, 3.398],
+                "logits.lse_mean": [1.516, 1.516, 1.516, 1.516, 0.8927, 0.5078, 0.5078],
+                "update.ratio": [3.661, 3.661, 3.661, 3.661, 2.487, 2.519, 2.519],
+                "grad.global_norm": [0.3298, 0.3298, 0.3298, 0.7492, 0.7492, 0.9925, 0.9925],
+                "loss": [0.1932, 0.1932, 0.04829, 0.1932, 0.1932, 0.1932, 0.1283],
+            },
+            bin_steps=50, interval=1, window=90, settings={"margin": 2.5, "min_metrics": 1, "persist": 0},
+            level_at_divergence={"attn.max_logit": 9.413, "attn.entropy": 5.497, "logits.lse_mean": 4.992, "update.ratio": -1.703, "grad.global_norm": 0.3442, "loss": 1.199},
+            ratio_lo=0.316, ratio_hi=6.167, fallback_lead=80,
+            source="warnings benchmark v2 rebuilt on AMD EPYC, 144 runs, every=1, the 90-step sustained rule (min_metrics 1, "
+                   "margin 2.5: the smallest of benchmarks/warnings_rules.py's margins 2, 2.5, 3 at which it adds no "
+                   "warned stable or spiked run to the main rule's, each seed and each mechanism held out)"),)),
     10: Calibration(
         thresholds={
             "attn.max_logit": [2.44, 2.44, 2.44, 3.586, 3.586, 3.921, 3.921],

@@ -512,3 +512,99 @@ def test_shipped_every10_margin_is_the_smallest_that_warns_at_most_5pct_of_the_e
     dev = D.load_calibration(results / "warnings_calibration_dev.json")
     for every, cal in D.DEFAULT_CALIBRATIONS.items():
         assert dict(dev[every].settings) == dict(cal.settings), every
+
+
+# ---------------------------------------------------------------------------------------------- further rules
+def _rule_cals(main_thr=3.0, rule_thr=1.0, every=1):
+    rule = D.Calibration(thresholds={"m": rule_thr, "g": rule_thr}, interval=every, window=90,
+                         settings={"margin": 1.0, "min_metrics": 1, "persist": 0}, source="rule")
+    main = D.Calibration(thresholds={"m": main_thr, "g": main_thr}, interval=every, window=60, also=(rule,),
+                         settings={"margin": 1.0}, source="main")
+    return main, rule
+
+
+def _two_signal_run(every=1, n=600, onset=150, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(s, {("m", ""): math.exp(2e-5 * max(s - onset, 0) ** 2 + rng.normal(0, 0.02)),
+                 ("g", ""): math.exp(1.5e-5 * max(s - onset - 40, 0) ** 2 + rng.normal(0, 0.02))})
+            for s in range(0, n, every)]
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_further_rule_warns_as_the_union_of_two_independent_detectors(every):
+    """A detector whose calibration carries a further rule warns on the first step either rule warns, and its alarm
+    steps are the union of both rules' (each rule replayed alone as an independent detector); live and offline agree."""
+    cfg = D.DetectorConfig(watch={"m": "log", "g": "log"}, min_metrics=2)
+    for main_thr, rule_thr in ((5.0, 0.4), (0.3, 5.0), (0.35, 0.5)):
+        main, rule = _rule_cals(main_thr, rule_thr, every)
+        run = _two_signal_run(every)
+        live = D.RunawayDetector(cfg, main, adopt=D.ADOPTABLE)
+        for step, values in run:
+            live.update(step, values)
+        alone_main = D.RunawayDetector(cfg, replace(main, also=()), adopt=D.ADOPTABLE)
+        alone_rule = D.RunawayDetector(replace(cfg, window=90), rule, adopt=D.ADOPTABLE)
+        for step, values in run:
+            alone_main.update(step, values)
+            alone_rule.update(step, values)
+        firsts = [d.warnings[0].step for d in (alone_main, alone_rule) if d.warnings]
+        assert firsts, (main_thr, rule_thr)
+        assert live.warnings[0].step == min(firsts)
+        assert live.alarm_steps == sorted(set(alone_main.alarm_steps) | set(alone_rule.alarm_steps))
+        off = D.decide_run(D.score_run(run, cfg), cfg, main, also=D.score_rules(run, cfg, main))
+        assert [w.step for w in off.warnings] == [w.step for w in live.warnings]
+        assert off.alarm_steps == live.alarm_steps
+        # without the rule's scores decide_run replays the main rule alone
+        assert [w.step for w in D.decide_run(D.score_run(run, cfg), cfg, main).warnings] == \
+            [w.step for w in D.decide_run(D.score_run(run, cfg), cfg, replace(main, also=())).warnings]
+
+
+def test_further_rule_sees_the_first_step_when_picked_at_the_second_and_scales_with_the_margin():
+    cfg = D.DetectorConfig(watch={"m": "log", "g": "log"}, min_metrics=2)
+    main, rule = _rule_cals(50.0, 0.5, every=10)
+    plain = replace(main, interval=1, also=())
+    run = _two_signal_run(10)
+    det = D.RunawayDetector(cfg, {1: plain, 10: main}, adopt=D.ADOPTABLE)
+    for step, values in run:
+        det.update(step, values)
+    alone = D.RunawayDetector(replace(cfg, window=90), rule, adopt=D.ADOPTABLE)
+    for step, values in run:
+        alone.update(step, values)
+    assert det.calibration is main and det._children[0]._first == run[0][0]
+    assert [w.step for w in det.warnings] == [w.step for w in alone.warnings] and det.warnings
+    off = D.decide_run(D.score_run(run, cfg), cfg, {1: plain, 10: main}, also=D.score_rules(run, cfg, main))
+    assert [w.step for w in off.warnings] == [w.step for w in det.warnings]
+    # a margin set apart from the calibration's (1 here) scales the rule's thresholds alike
+    det = D.RunawayDetector(replace(cfg, margin=4.0), main, adopt=("min_metrics", "persist"))
+    assert det._children[0].config.margin == 4.0 and det._children[0]._thresholds["m"] == 2.0
+    with pytest.raises(ValueError, match="scored with the 90-step window"):
+        D.decide_run(D.score_run(run, cfg), cfg, main, also={60: D.score_run(run, cfg)})
+
+
+def test_calibration_with_further_rules_round_trips_and_rejects_bad_rules(tmp_path):
+    main, rule = _rule_cals()
+    back = D.Calibration.from_dict(json.loads(json.dumps(main.to_dict())))
+    assert back == main and isinstance(back.also[0], D.Calibration)
+    p = tmp_path / "cal.json"
+    p.write_text(json.dumps(D.calibrations_to_dict({1: main})))
+    assert D.load_calibration(str(p))[1].also[0] == rule
+    assert D.rule_windows({1: main, 10: replace(main, also=())}) == [90]
+    with pytest.raises(ValueError, match="slope window"):
+        D.Calibration(thresholds={}, also=(replace(rule, window=0),))
+    with pytest.raises(ValueError, match="no further rules"):
+        D.Calibration(thresholds={}, also=(main,))
+
+
+def test_shipped_every1_default_carries_the_sustained_rule_of_warnings_rules_json():
+    """The rule's margin is the one ``benchmarks/warnings_rules.py`` chose (the smallest of its margins that adds no
+    warned stable or spiked run on the benchmark, each seed and each mechanism held out), its thresholds that run's."""
+    res = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "warnings_rules.json").read_text())
+    base = res["rows"][0]["warned_not_diverged"]
+    chosen = next(r for r in res["rows"][1:] if not r["alone"] and r["warned_not_diverged"] == base)
+    assert res["chosen_margin"] == chosen["margin"]
+    (rule,) = D.DEFAULT_CALIBRATIONS[1].also
+    want = D.Calibration.from_dict(chosen["calibration"]["also"][0])
+    assert rule.settings == {"margin": chosen["margin"], "min_metrics": 1, "persist": 0} == want.settings
+    assert rule.window == res["window"] == want.window
+    for m, thr in want.thresholds.items():
+        assert rule.thresholds[m] == pytest.approx(thr, rel=1e-3)
+    assert not D.DEFAULT_CALIBRATIONS[10].also

@@ -180,21 +180,34 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
     check_every(every, "calibrate_warnings(every")
     cfg = replace(EarlyWarning(calibration=D.Calibration(thresholds={}), **detector).config, envelope=envelope)
     steps = run_steps(history[history["run_id"].isin(runs["run_id"])], every)
-    neg, pos = [], []
+    base = None if extend is None else D.DEFAULT_CALIBRATIONS if isinstance(extend, str) and extend == "default" \
+        else D.load_calibration(extend, "calibrate_warnings(extend=...)")
+    interval = logged_interval(steps)
+    # the further rules (Calibration.also) of the calibration extended, else of the shipped default for this interval
+    rules = D.pick_calibration(base if base is not None else D.DEFAULT_CALIBRATIONS, interval,
+                               cfg.window_at(interval)).also
+    cfgs = [cfg, *(replace(cfg, window=a.window, **{k: a.settings[k] for k in D.ADOPTABLE if k in a.settings})
+                   for a in rules)]
+    neg: list[list] = [[] for _ in cfgs]
+    pos: list[list] = [[] for _ in cfgs]
     for st in steps.values():
         loss = [(s, v[(M.LOSS, "")]) for s, v in st if (M.LOSS, "") in v]
         o = D.label_outcome([s for s, _ in loss], [v for _, v in loss], **(outcome or {}))
-        scored = D.score_run(st, cfg)
-        if o.label == "diverged":
-            pos.append((scored, o.diverge_step))
-        elif scored:
-            neg.append([x for x in scored if x[0] <= scored[-1][0] - censor])
-    if not neg:
+        for k, c in enumerate(cfgs):
+            scored = D.score_run(st, c)
+            if o.label == "diverged":
+                pos[k].append((scored, o.diverge_step))
+            elif scored:
+                neg[k].append([x for x in scored if x[0] <= scored[-1][0] - censor])
+    if not neg[0]:
         raise ValueError("calibrate_warnings: no run stayed stable; thresholds come from runs that did not "
                          "diverge, so include some (e.g. the same schedule at a lower LR)")
-    own = D.calibrate(neg, pos, cfg, source=source or f"{len(neg)} stable and {len(pos)} diverged runs")
-    if extend is None:
-        return own
-    base = D.DEFAULT_CALIBRATIONS if isinstance(extend, str) and extend == "default" else \
-        D.load_calibration(extend, "calibrate_warnings(extend=...)")
-    return D.extend_calibration(D.pick_calibration(base, own.interval, own.window), own)
+    source = source or f"{len(neg[0])} stable and {len(pos[0])} diverged runs"
+    own = D.calibrate(neg[0], pos[0], cfg, source=source)
+    subs = [replace(D.calibrate(neg[k], pos[k], cfgs[k], source=f"{source}, {a.window}-step rule"),
+                    settings=dict(a.settings)) for k, a in enumerate(rules, 1)]
+    if base is None:
+        return replace(own, also=tuple(subs))
+    picked = D.pick_calibration(base, own.interval, own.window)
+    return replace(D.extend_calibration(picked, own),
+                   also=tuple(D.extend_calibration(a, sub) for a, sub in zip(picked.also, subs)))

@@ -12,11 +12,12 @@ divergence with an interval (see ``stabilitylab.detectors`` for the formulas).
 The default calibrations (``detectors.DEFAULT_CALIBRATIONS``, for ``every=1`` and ``every=10``) come from the warnings benchmark
 (``stabilitylab warnings build --scale quick``: tiny proxies and a tiny GPT-2, LR ramps and step-ups);
 recalibrate on your own stable runs with ``stabilitylab warnings calibrate STORE --out cal.json --extend default``
-and ``EarlyWarning(calibration="cal.json")``. On model families the benchmark does not train
-(``benchmarks/warnings_external.py``: a GPT written there, HF Llama, GPT-NeoX, Qwen2, OPT, Falcon, Phi-3 and
-Gemma 3) the defaults warned 17 of 167 runs that did not diverge at ``every=1`` and, at ``every=10``, 4 of 167
-with its default ``margin=2`` (30 with 1.25, its default before), and 11 and 8 of the 25 that diverged before
-they did: treat a first warning on a new model as a prompt to look, and recalibrate. The calibration used is the one whose slope window is nearest
+and ``EarlyWarning(calibration="cal.json")``. At ``every=1`` two rules run side by side, and the first to fire
+warns: two metrics accelerating together over 60 steps, or one sustaining growth over 90 steps at 2.5x the
+fastest any stable run showed (``Calibration.also``; the event's ``window`` says which). On model families the
+benchmark does not train (``benchmarks/warnings_external.py``: a GPT written there, HF Llama, GPT-NeoX, Qwen2,
+OPT, Falcon, Phi-3 and Gemma 3; README gives the numbers) the defaults warn some runs near the edge that did not
+diverge: treat a first warning on a new model as a prompt to look, and recalibrate. The calibration used is the one whose slope window is nearest
 the run's (``detectors.pick_calibration``); a run whose window is far from every calibration's is told so once.
 
 On a warning it can write a flight-recorder snapshot (``snapshot_dir``): the last ``snapshot_steps``
@@ -140,10 +141,10 @@ class EarlyWarning(Probe):
         ev = Event(self.run_id, step, "early_warning", w.module, w.score,
                    f"{where} is running away ({w.score:.2g}x its calibrated growth limit); forecast: divergence "
                    f"in ~{w.steps_left:.0f} steps ({w.steps_left_lo:.0f}-{w.steps_left_hi:.0f}); "
-                   f"{len(w.hot)} series hot",
+                   f"{len(w.hot)} series hot over {w.window} steps",
                    {"metric": w.metric, "module": w.module, "steps_left": w.steps_left,
                     "steps_left_lo": w.steps_left_lo, "steps_left_hi": w.steps_left_hi,
-                    "predicted_step": step + w.steps_left,
+                    "predicted_step": step + w.steps_left, "window": w.window,
                     "series": [{"metric": m, "module": mod} for m, mod in w.hot]})
         if not self._python_warned:
             self._python_warned = True

@@ -407,15 +407,17 @@ def horizon(scored_run: D.ScoredRun, diverge_step: float = math.nan, censor: int
 
 
 def _measure(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, cal: D.Calibration,
-             min_lead: int = 50, censor: int = CENSOR) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Summary and per-run rows of the detector on runs ``ids``."""
+             min_lead: int = 50, censor: int = CENSOR, also: Mapping[str, Mapping[int, Any]] | None = None
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Summary and per-run rows of the detector on runs ``ids`` (``also``: run id -> the run scored on each
+    further rule's window, ``detectors.score_rules``; every rule of ``cal`` then counts)."""
     o = outcomes.set_index("run_id")
     rows = []
     for rid in ids:
         r = o.loc[rid]
         dstep = float(r["diverge_step"])
         end = horizon(scored[rid], dstep, censor)  # diverge_step is NaN unless the run diverged
-        det = D.decide_run(scored[rid], cfg, cal, before=end)
+        det = D.decide_run(scored[rid], cfg, cal, before=end, also=also[rid] if also is not None else None)
         w = det.warnings[0] if det.warnings else None
         lead = dstep - w.step if (w is not None and r["outcome"] == "diverged") else math.nan
         logged = [s for s, _ in scored[rid] if s < end]
@@ -471,7 +473,18 @@ def _objective(s: dict[str, Any]) -> tuple:
 
 
 def _calibrate(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, source: str,
-               censor: int = CENSOR) -> D.Calibration:
+               censor: int = CENSOR, rules: Sequence[tuple[int, Mapping[str, Any]]] = (),
+               also: Mapping[str, Mapping[int, Any]] | None = None) -> D.Calibration:
+    """The calibration on runs ``ids``; ``rules``: further rules ``(window, settings)``, each calibrated on the
+    runs scored on its window (``also``) and carried in ``Calibration.also``."""
+    cal = _calibrate_rule(ids, outcomes, scored, cfg, source, censor)
+    subs = [replace(_calibrate_rule(ids, outcomes, {i: also[i][w] for i in ids}, replace(cfg, window=w, **st),
+                                    f"{source}, {w}-step rule", censor), settings=dict(st)) for w, st in rules]
+    return replace(cal, also=tuple(subs)) if subs else cal
+
+
+def _calibrate_rule(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, source: str,
+                    censor: int = CENSOR) -> D.Calibration:
     o = outcomes.set_index("run_id")
     neg = [[x for x in scored[i] if x[0] < horizon(scored[i], censor=censor)] for i in ids
            if o.loc[i, "outcome"] != "diverged"]
@@ -484,7 +497,8 @@ def _calibrate(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.Dete
 
 
 def choose_settings(ids: list[str], outcomes: pd.DataFrame, scored: dict, base: D.DetectorConfig,
-                    grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR
+                    grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR,
+                    rules: Sequence[tuple[int, Mapping[str, Any]]] = (), also: Mapping[str, Any] | None = None
                     ) -> tuple[D.DetectorConfig, list[dict[str, Any]]]:
     """Pick the grid setting with the best leave-one-mechanism-out result *within* ``ids``.
 
@@ -500,8 +514,8 @@ def choose_settings(ids: list[str], outcomes: pd.DataFrame, scored: dict, base: 
         for m in mechs:
             cal_ids = [i for i in ids if o.loc[i, "mechanism"] != m]
             test_ids = [i for i in ids if o.loc[i, "mechanism"] == m]
-            cal = _calibrate(cal_ids, outcomes, scored, cfg, "", censor)
-            rows += _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)[1]
+            cal = _calibrate(cal_ids, outcomes, scored, cfg, "", censor, rules, also)
+            rows += _measure(test_ids, outcomes, scored, cfg, cal, censor=censor, also=also)[1]
         results.append({**g, **summarise(pd.DataFrame(rows))})
     best = max(range(len(grid)), key=lambda i: _objective(results[i]))
     return replace(base, **grid[best]), results
@@ -552,14 +566,18 @@ POOLS = {"each seed held out": ("seed", None), "all mechanisms held out": ("mech
 
 
 def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D.DetectorConfig | None = None,
-             grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR, settings_from: Any = None) -> dict[str, Any]:
+             grid: tuple[dict[str, Any], ...] = GRID, censor: int = CENSOR, settings_from: Any = None,
+             rules: Sequence[tuple[int, Mapping[str, Any]]] | None = None) -> dict[str, Any]:
     """Measure the early warning on a benchmark folder or any sweep store (see the module docstring).
 
     ``censor``: steps at the end of each run that did not diverge that are neither judged nor used for
     thresholds (``horizon``). ``settings_from``: a calibration (``Calibration``, ``{interval: Calibration}``,
     or the JSON file ``--calibration-out`` writes, e.g. of a development build) whose ``settings`` fix
     ``margin`` / ``min_metrics`` / ``persist`` per logging interval for every split, instead of choosing them
-    on each split's calibration runs from ``grid``.
+    on each split's calibration runs from ``grid``. ``rules``: further rules ``(window, settings)`` calibrated
+    on each split next to the chosen settings, the detector warning when any warns (``Calibration.also``); None:
+    those of the shipped default a detector would pick for the interval (at every=1 the sustained rule), ``()``:
+    none.
 
     Each requested interval is measured at the interval its subsampled histories are really logged at
     (``every`` in the results; ``meta["intervals"]`` maps each request to it): on a store a Monitor logged
@@ -589,6 +607,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
     mechanism_of = dict(zip(outcomes["run_id"], outcomes["mechanism"]))
     settings_from = D.load_calibration(settings_from, "settings_from")  # once, not per logging interval
     intervals: dict[int, int] = {}  # requested every -> the interval its subsampled histories are logged at
+    rules_at: dict[int, list[tuple[int, dict[str, Any]]]] = {}  # logged interval -> its further rules
     for asked in everys:
         steps = run_steps(history, asked)
         every = intervals[asked] = logged_interval(steps)
@@ -597,6 +616,9 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         fixed = replace(base, **fixed_settings(settings_from, every, base.window_at(every))) \
             if settings_from is not None else None
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in mechanism_of}
+        rules_at[every] = rl = list(rules) if rules is not None else [
+            (a.window, dict(a.settings)) for a in D.pick_calibration(D.DEFAULT_CALIBRATIONS, every, base.window_at(every)).also]
+        also = {rid: {w: D.score_run(steps[rid], replace(base, window=w)) for w, _ in rl} for rid in scored} if rl else None
         pools: dict[str, list[dict[str, Any]]] = {"seed": [], "mechanism": [], "own": []}
         tradeoff_rows: dict[float, list[dict[str, Any]]] = {m: [] for m in TRADEOFF_MARGINS}
         chosen_for: dict[str, D.DetectorConfig] = {}
@@ -608,14 +630,14 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
             elif kind == "own":  # the settings chosen with the mechanism held out altogether
                 cfg = chosen_for[mechanism_of[test_ids[0]]]
             else:
-                cfg = choose_settings(cal_ids, outcomes, scored, base, grid, censor)[0] if grid else base
+                cfg = choose_settings(cal_ids, outcomes, scored, base, grid, censor, rl, also)[0] if grid else base
             if kind == "mechanism":
                 chosen_for[mechanism_of[test_ids[0]]] = cfg
-            cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}", censor)
-            s, rows = _measure(test_ids, outcomes, scored, cfg, cal, censor=censor)
-            if kind == "seed":  # the trade-off: the same split, per threshold margin
+            cal = _calibrate(cal_ids, outcomes, scored, cfg, f"{name}, every={every}", censor, rl, also)
+            s, rows = _measure(test_ids, outcomes, scored, cfg, cal, censor=censor, also=also)
+            if kind == "seed":  # the trade-off: the same split, per threshold margin (scaling every rule alike)
                 for m, acc in tradeoff_rows.items():
-                    acc += _measure(test_ids, outcomes, scored, replace(cfg, margin=m), cal, censor=censor)[1]
+                    acc += _measure(test_ids, outcomes, scored, replace(cfg, margin=m), cal, censor=censor, also=also)[1]
             if kind == "mechanism":
                 summary.append({"every": every, "split": name, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
                                 "persist": cfg.persist, **s})
@@ -637,9 +659,9 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         ids = list(outcomes["run_id"])
         chosen = fixed or base
         if fixed is None and grid and outcomes["mechanism"].nunique() > 1:  # the settings a calibration on every run carries
-            chosen = choose_settings(ids, outcomes, scored, base, grid, censor)[0]
+            chosen = choose_settings(ids, outcomes, scored, base, grid, censor, rl, also)[0]
         cal = _calibrate(ids, outcomes, scored, chosen,
-                         f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}", censor)
+                         f"warnings benchmark v{BENCHMARK_VERSION}, {len(ids)} runs, every={every}", censor, rl, also)
         full_cal[every] = replace(cal, settings={k: getattr(chosen, k) for k in D.ADOPTABLE}
                                   if chosen is not base else {})
     if not summary:
@@ -653,6 +675,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
             "meta": {"benchmark_version": BENCHMARK_VERSION, "detector": {k: (dict(v) if k == "watch" else v)
                                                                          for k, v in asdict(base).items()},
                      "grid": list(grid) if fixed is None else [], "censor": censor, "intervals": intervals,
+                     "rules": {e: [{"window": w, **st} for w, st in r] for e, r in rules_at.items()},
                      "settings": "fixed" if settings_from is not None else "chosen per split",
                      "outcome_definition": OUTCOME_DEFINITION, "evaluate_wall_s": round(time.time() - t0, 1)}}
 
@@ -692,12 +715,13 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
         if every in sources:  # the same histories as an earlier request (a store logged every 10 steps)
             continue
         cal = D.pick_calibration(cals, every, base.window_at(every))
-        sources[every] = cal.source
+        sources[every] = cal.source + "".join(f"; with the {a.window}-step rule {dict(a.settings)}" for a in cal.also)
         scored = {rid: D.score_run(steps[rid], base) for rid in outcomes["run_id"] if rid in steps}
+        also = {rid: D.score_rules(steps[rid], base, cal) for rid in scored} if cal.also else None
         for margin in (None, *margins):
             settings = {**cal.settings, **({} if margin is None else {"margin": margin})}
             cfg = replace(base, **{k: settings[k] for k in D.ADOPTABLE if k in settings})
-            res, rows = _measure(list(scored), outcomes, scored, cfg, cal, censor=censor)
+            res, rows = _measure(list(scored), outcomes, scored, cfg, cal, censor=censor, also=also)
             summary.append({"every": every, "settings": "calibration's" if margin is None else f"margin={margin:g}",
                             "margin": cfg.margin, "min_metrics": cfg.min_metrics, "persist": cfg.persist, **res})
             if margin is None:
@@ -828,7 +852,8 @@ def _build_cmd(args: argparse.Namespace) -> int:
 def _evaluate_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = evaluate(args.store, everys=tuple(args.every), censor=args.censor, settings_from=args.settings_from)
+        res = evaluate(args.store, everys=tuple(args.every), censor=args.censor, settings_from=args.settings_from,
+                       rules=() if args.no_rules else None)
     build_meta = _build_meta(args.store)
     md = markdown(res, build_meta)
     print(md)
@@ -886,7 +911,8 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
             cals.setdefault(cal.interval, cal)
     _write(args.out, json.dumps(D.calibrations_to_dict(cals), indent=1))
     for e, cal in cals.items():
-        print(f"every={e}: {cal.source}; settings {dict(cal.settings) or 'none (EarlyWarning defaults)'}")
+        print(f"every={e}: {cal.source}; settings {dict(cal.settings) or 'none (EarlyWarning defaults)'}"
+              + "".join(f"; with the {a.window}-step rule {dict(a.settings)}" for a in cal.also))
     print(f"calibration: {args.out}  (EarlyWarning(calibration={str(args.out)!r}))")
     return 0
 
@@ -916,6 +942,8 @@ def add_parser(sub) -> None:
     e.add_argument("--settings-from", default=None, metavar="CALIBRATION_JSON",
                    help="fix margin / min_metrics / persist per --every to the settings this calibration file "
                         "carries (e.g. a development build's --calibration-out) instead of choosing them per split")
+    e.add_argument("--no-rules", action="store_true",
+                   help="leave out the shipped defaults' further rules (at every=1 the sustained rule): the main rule alone")
     e.add_argument("--json", default=None, help="also write the results as JSON here")
     e.add_argument("--md", default=None, help="also write the markdown here")
     e.add_argument("--calibration-out", default=None,

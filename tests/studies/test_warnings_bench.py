@@ -280,8 +280,8 @@ def test_evaluate_returns_one_calibration_per_every_and_the_cli_writes_them(rese
     # every=10 is every=1's history subsampled: its thresholds come from fewer, wider-window slopes
     assert cals[1].thresholds != cals[10].thresholds
     real = W.evaluate
-    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor, settings_from: real(store, everys=everys, grid=(),
-                                                                                           censor=censor))
+    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor, settings_from, rules: real(
+        store, everys=everys, grid=(), censor=censor, rules=rules))
     path = tmp_path / "cal.json"
     assert main(["warnings", "evaluate", str(out), "--every", "1", "10", "--calibration-out", str(path)]) == 0
     on_disk = json.loads(path.read_text())
@@ -373,6 +373,23 @@ def test_cli_calibrate_writes_a_calibration_per_every_that_extends_the_defaults(
         want = calibrate_warnings(runs, history, every=e, extend="default")
         assert cals[e].thresholds == want.thresholds and cals[e].interval == e
         assert dict(cals[e].settings) == dict(D.DEFAULT_CALIBRATIONS[e].settings)
+        # the further rules of the default are recalibrated on these runs too, with the default's as a floor
+        assert [(a.window, dict(a.settings)) for a in cals[e].also] == \
+            [(a.window, dict(a.settings)) for a in D.DEFAULT_CALIBRATIONS[e].also]
+        for mine, shipped in zip(cals[e].also, D.DEFAULT_CALIBRATIONS[e].also):
+            for m, thr in shipped.thresholds.items():
+                assert all(a >= b for a, b in zip(mine.thresholds[m], thr)), m
+    (rule,) = cals[1].also
+    alone = calibrate_warnings(runs, history, every=1)  # yours alone: the rule fit on your runs, no floor
+    assert [a.window for a in alone.also] == [rule.window] and alone.also[0].thresholds != rule.thresholds
+    stable = W.label_runs(runs, history).query("outcome != 'diverged'")["run_id"]
+    from stabilitylab.analysis.early_warning import run_steps
+
+    scored = [D.score_run(st, D.DetectorConfig(window=rule.window))
+              for rid, st in run_steps(history[history["run_id"].isin(stable)]).items()]
+    top = max((sc for run in scored for step, row in run if step - run[0][0] >= 60
+               for (metric, _), sc, _, _ in row if metric == "attn.max_logit"), default=0.0)
+    assert max(alone.also[0].thresholds["attn.max_logit"]) == pytest.approx(top)  # its largest bin: their largest score
     with pytest.raises(SystemExit):
         main(["warnings", "calibrate", str(out)])  # --out is required
 
@@ -428,7 +445,8 @@ def test_check_measures_a_calibration_as_the_live_probe_replays_it(mini, tmp_pat
     assert s.iloc[2]["warned_any_share"] <= own["warned_any_share"]
     assert s.iloc[2]["stable_warned_share"] <= own["stable_warned_share"]
     # a calibration that no growth can pass: nothing is warned
-    deaf = {1: replace(D.DEFAULT_CALIBRATIONS[1], thresholds={m: 1e9 for m in D.DEFAULT_CALIBRATIONS[1].thresholds})}
+    deaf = {1: replace(D.DEFAULT_CALIBRATIONS[1], thresholds={m: 1e9 for m in D.DEFAULT_CALIBRATIONS[1].thresholds},
+                       also=())}
     path = tmp_path / "deaf.json"
     path.write_text(json.dumps(D.calibrations_to_dict(deaf)))
     assert main(["warnings", "check", str(out), "--calibration", str(path), "--every", "1", "--censor", "0",
