@@ -17,8 +17,9 @@ seeds each. Each run trains once with the Monitor at every=1 and ``EarlyWarning(
 recalibrated) live; the every=10 result replays the same defaults on the history subsampled to the steps a
 Monitor with every=10 logs (probes never change training), and ``INTERVALS`` the same at every=2, 3, 5, 7 and 20.
 ``MARGINS`` replays both intervals with ``EarlyWarning(margin=m)``: the lead-time vs false-alarm trade-off on
-models the defaults never saw; ``VARIANTS`` the same with the other adoptable settings (``min_metrics``, ``persist``)
-changed instead. ``--models falcon phi3 gemma3`` trains ``HELDOUT_MODELS``, added after the
+models the defaults never saw (at every=1 the margin scales the sustained rule, ``Calibration.also``, alike);
+``VARIANTS`` the same with the other adoptable settings (``min_metrics``, ``persist``) changed instead (they apply
+to the main rule; the sustained rule keeps its own). ``--models falcon phi3 gemma3`` trains ``HELDOUT_MODELS``, added after the
 defaults were fixed; ``--steps/--peaks/--schedules`` change the runs (e.g. long stable runs: ``--steps 3000
 --peaks 0.001 0.003 --schedules warm50_cos``). Outcomes come from the loss alone
 (``detectors.label_outcome``). Reported per run: outcome, divergence step, first warning, lead, leading signal;

@@ -425,6 +425,7 @@ def _measure(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.Detect
         rows.append({"run_id": rid, "mechanism": r["mechanism"], "role": r["role"], "lr": r["lr"], "seed": r["seed"],
                      "outcome": r["outcome"], "diverge_step": dstep, "first_warning": w.step if w else math.nan,
                      "lead_steps": lead, "metric": w.metric if w else "", "module": w.module if w else "",
+                     "window": w.window if w else math.nan,
                      "steps_left": w.steps_left if w else math.nan, "steps_left_lo": w.steps_left_lo if w else math.nan,
                      "steps_left_hi": w.steps_left_hi if w else math.nan,
                      "covered": bool(w is not None and w.steps_left_lo <= lead <= w.steps_left_hi)
@@ -741,7 +742,7 @@ def check_markdown(result: dict[str, Any]) -> str:
 
     pr = result["per_run"]
     cols = ["every", "mechanism", "role", "lr", "seed", "outcome", "diverge_step", "first_warning", "lead_steps",
-            "metric", "module", "steps_left", "steps_left_lo", "steps_left_hi"]
+            "metric", "module", "window", "steps_left", "steps_left_lo", "steps_left_hi"]
     meta = result["meta"]
     parts = [Paragraph(f"Calibration: {meta['calibration']}, not recalibrated ("
                        + "; ".join(f"every={e}: {src}" for e, src in meta["sources"].items())
@@ -812,7 +813,7 @@ def page(result: dict[str, Any], build_meta: dict[str, Any] | None = None) -> tu
         parts += [Heading(tradeoff), Paragraph("(no held-out seed split: the store has runs of one seed only)")]
     d = pr[(pr["outcome"] == "diverged") & (pr["kind"] == "mechanism")]
     cols = ["every", "mechanism", "lr", "seed", "diverge_step", "first_warning", "lead_steps", "metric", "module",
-            "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
+            "window", "steps_left", "steps_left_lo", "steps_left_hi", "covered"]
     parts.append(Table(d[cols], "Diverged runs, mechanism held out", level=2, collapse_rows=40))
     for every, cal in result.get("calibrations", {1: result["calibration"]}).items():
         parts += [Heading(f"Calibration on every run at every={every} (what --calibration-out writes)"),

@@ -360,6 +360,33 @@ def test_settings_from_fixes_the_settings_of_every_split(mini, tmp_path):
         W.evaluate(out, everys=(1,), censor=20, settings_from=tmp_path / "missing.json")
 
 
+def test_evaluate_calibrates_the_sustained_rule_per_split_and_it_only_adds_warnings(mini):
+    """``evaluate`` carries the shipped every=1 further rule (``Calibration.also``), calibrated on each split's runs:
+    a run's first warning can only come earlier with it and its alarm steps are a superset; ``rules=()`` (the CLI's
+    ``--no-rules``) leaves it out; a rule given explicitly is calibrated at its own window and settings."""
+    out, _ = mini
+    fixed = {1: D.Calibration(thresholds={}, settings={"margin": 1.0, "min_metrics": 2, "persist": 0})}
+    kw = {"everys": (1,), "censor": 20, "settings_from": fixed}
+    with_rule, without = W.evaluate(out, **kw), W.evaluate(out, rules=(), **kw)
+    (shipped,) = D.DEFAULT_CALIBRATIONS[1].also
+    assert with_rule["meta"]["rules"] == {1: [{"window": shipped.window, **shipped.settings}]}
+    assert without["meta"]["rules"] == {1: []} and not without["calibrations"][1].also
+    (rule,) = with_rule["calibrations"][1].also
+    assert (rule.window, dict(rule.settings)) == (shipped.window, dict(shipped.settings))
+    key = ["run_id", "split"]
+    a = with_rule["per_run"].set_index(key).sort_index()
+    b = without["per_run"].set_index(key).sort_index().reindex(a.index)
+    assert ((a["first_warning"] <= b["first_warning"]) | b["first_warning"].isna()).all()
+    assert (a["alarm_steps"] >= b["alarm_steps"]).all()
+    assert set(a["window"].dropna()) <= {60, shipped.window} and set(b["window"].dropna()) <= {60}
+    mine = W.evaluate(out, rules=((120, {"margin": 1.0, "min_metrics": 1, "persist": 0}),), **kw)
+    assert [(x.window, x.settings["margin"]) for x in mine["calibrations"][1].also] == [(120, 1.0)]
+    # a rule below every stable run's envelope (half of it, one metric) must add alarms somewhere
+    loud = W.evaluate(out, rules=((60, {"margin": 0.5, "min_metrics": 1, "persist": 0}),), **kw)
+    c = loud["per_run"].set_index(key).sort_index().reindex(a.index)
+    assert (c["alarm_steps"] >= b["alarm_steps"]).all() and (c["alarm_steps"] > b["alarm_steps"]).any()
+
+
 def test_cli_calibrate_writes_a_calibration_per_every_that_extends_the_defaults(mini, tmp_path, capsys):
     out, _ = mini
     path = tmp_path / "mine.json"
