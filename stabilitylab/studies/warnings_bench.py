@@ -477,11 +477,13 @@ def _calibrate(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.Dete
                censor: int = CENSOR, rules: Sequence[tuple[int, Mapping[str, Any]]] = (),
                also: Mapping[str, Mapping[int, Any]] | None = None) -> D.Calibration:
     """The calibration on runs ``ids``; ``rules``: further rules ``(window, settings)``, each calibrated on the
-    runs scored on its window (``also``) and carried in ``Calibration.also``."""
+    runs scored on its window (``also``) and carried in ``Calibration.also``, with ``cfg``'s settings recorded
+    (a detector scales the rules by its margin over the calibration's, so a rule's margin holds at ``cfg``'s as
+    in a shipped calibration that carries its settings)."""
     cal = _calibrate_rule(ids, outcomes, scored, cfg, source, censor)
     subs = [replace(_calibrate_rule(ids, outcomes, {i: also[i][w] for i in ids}, replace(cfg, window=w, **st),
                                     f"{source}, {w}-step rule", censor), settings=dict(st)) for w, st in rules]
-    return replace(cal, also=tuple(subs)) if subs else cal
+    return replace(cal, also=tuple(subs), settings={k: getattr(cfg, k) for k in D.ADOPTABLE}) if subs else cal
 
 
 def _calibrate_rule(ids: list[str], outcomes: pd.DataFrame, scored: dict, cfg: D.DetectorConfig, source: str,

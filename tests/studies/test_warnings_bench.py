@@ -387,6 +387,23 @@ def test_evaluate_calibrates_the_sustained_rule_per_split_and_it_only_adds_warni
     assert (c["alarm_steps"] >= b["alarm_steps"]).all() and (c["alarm_steps"] > b["alarm_steps"]).any()
 
 
+def test_a_rule_keeps_its_margin_at_any_margin_of_the_main_rule():
+    """Per-split calibrations record the split's settings, so a detector at those settings runs each further rule at
+    the rule's own margin (as the shipped calibrations, which carry their settings, do live), and a margin away
+    from them scales every rule alike."""
+    rng = np.random.default_rng(0)
+    steps = {f"r{i}": [(s, {("attn.max_logit", "a"): float(np.exp(0.002 * s + rng.normal(0, 0.05)))})
+                       for s in range(300)] for i in range(3)}
+    outcomes = pd.DataFrame({"run_id": list(steps), "outcome": "stable", "diverge_step": math.nan})
+    cfg = D.DetectorConfig(margin=2.0, min_metrics=1)
+    scored = {k: D.score_run(v, cfg) for k, v in steps.items()}
+    also = {k: {90: D.score_run(v, replace(cfg, window=90))} for k, v in steps.items()}
+    cal = W._calibrate(list(steps), outcomes, scored, cfg, "t", 0, [(90, {"margin": 1.5, "min_metrics": 1})], also)
+    assert cal.settings["margin"] == 2.0 and cal.also[0].settings == {"margin": 1.5, "min_metrics": 1}
+    assert D.RunawayDetector(cfg, cal)._children[0].config.margin == 1.5
+    assert D.RunawayDetector(replace(cfg, margin=4.0), cal)._children[0].config.margin == 3.0
+
+
 def test_cli_calibrate_writes_a_calibration_per_every_that_extends_the_defaults(mini, tmp_path, capsys):
     out, _ = mini
     path = tmp_path / "mine.json"
