@@ -909,6 +909,8 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore", RuntimeWarning)
         cals: dict[int, D.Calibration] = {}
         for e in args.every:  # keyed by the interval the histories are logged at (every=1 on an every=10 store: 10)
+            if logged_interval(run_steps(history, e)) in cals:  # the same histories as an earlier --every
+                continue
             cal = calibrate_warnings(runs, history, every=e, extend=args.extend, censor=args.censor,
                                      source=f"{args.store}, every={e}")
             cals.setdefault(cal.interval, cal)

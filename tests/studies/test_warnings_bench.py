@@ -456,8 +456,13 @@ def test_a_store_logged_every_10_steps_is_measured_and_calibrated_at_10_not_labe
     assert "every=1 are logged every 10 steps" in W.markdown(res)
     assert "every=1 are logged" not in W.markdown(full)
     path = tmp_path / "mine.json"
-    assert main(["warnings", "calibrate", str(out), "--out", str(path), "--every", "1", "10"]) == 0
+    import stabilitylab.analysis.early_warning as EW
+
+    calls, real_cal = [], EW.calibrate_warnings
+    monkeypatch.setattr(EW, "calibrate_warnings", lambda *a, **k: calls.append(k["every"]) or real_cal(*a, **k))
+    assert main(["warnings", "calibrate", str(out), "--out", str(path), "--every", "1", "10", "1"]) == 0
     assert set(D.load_calibration(path)) == {10}
+    assert calls == [1]  # every=1 and 10 are the same histories here: calibrated once
     assert "every=10:" in capsys.readouterr().out
 
 
