@@ -608,12 +608,6 @@ class RunawayDetector:
             self.warnings.append(w)
         return w
 
-    @property
-    def rule_windows(self) -> list[int]:
-        """Slope windows (``DetectorConfig.window``) the further rules score on: ``decide_run`` needs runs scored
-        on each (``score_run(steps, replace(config, window=w))``)."""
-        return [c.base_config.window for c in self._children]
-
     def forecast(self, metric: str, level: float, slope_per_step: float) -> tuple[float, float, float]:
         """Steps left to divergence and its interval from the leading signal's level and slope."""
         cal = self.calibration
@@ -676,11 +670,17 @@ def rule_windows(calibrations: Calibrations | None) -> list[int]:
     return sorted({a.window for c in cals for a in c.also})
 
 
+def score_windows(steps: Steps, config: DetectorConfig | None = None, windows: Sequence[int] = ()
+                  ) -> dict[int, list[tuple[int, Scored]]]:
+    """The run scored with each of these slope windows, ``{window: scored}`` (``decide_run``'s ``also``)."""
+    cfg = config or DetectorConfig()
+    return {w: score_run(steps, replace(cfg, window=w)) for w in windows}
+
+
 def score_rules(steps: Steps, config: DetectorConfig | None = None, calibrations: Calibrations | None = None
                 ) -> dict[int, list[tuple[int, Scored]]]:
     """The run scored with each further rule's slope window (``rule_windows``): ``decide_run``'s ``also``."""
-    cfg = config or DetectorConfig()
-    return {w: score_run(steps, replace(cfg, window=w)) for w in rule_windows(calibrations)}
+    return score_windows(steps, config, rule_windows(calibrations))
 
 
 def calibrate(negatives: Sequence[ScoredRun], positives: Sequence[tuple[ScoredRun, float]] = (),

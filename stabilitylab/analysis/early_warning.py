@@ -183,9 +183,11 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
     base = None if extend is None else D.DEFAULT_CALIBRATIONS if isinstance(extend, str) and extend == "default" \
         else D.load_calibration(extend, "calibrate_warnings(extend=...)")
     interval = logged_interval(steps)
-    # the further rules (Calibration.also) of the calibration extended, else of the shipped default for this interval
-    rules = D.pick_calibration(base if base is not None else D.DEFAULT_CALIBRATIONS, interval,
-                               cfg.window_at(interval)).also
+    # the calibration extended (else the shipped default) for this interval: its further rules (Calibration.also)
+    # are recalibrated here, and it is the floor of both
+    picked = D.pick_calibration(base if base is not None else D.DEFAULT_CALIBRATIONS, interval,
+                                cfg.window_at(interval))
+    rules = picked.also
     cfgs = [cfg, *(replace(cfg, window=a.window, **{k: a.settings[k] for k in D.ADOPTABLE if k in a.settings})
                    for a in rules)]
     neg: list[list] = [[] for _ in cfgs]
@@ -208,6 +210,5 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
                     settings=dict(a.settings)) for k, a in enumerate(rules, 1)]
     if base is None:
         return replace(own, also=tuple(subs))
-    picked = D.pick_calibration(base, own.interval, own.window)
     return replace(D.extend_calibration(picked, own),
-                   also=tuple(D.extend_calibration(a, sub) for a, sub in zip(picked.also, subs)))
+                   also=tuple(D.extend_calibration(a, sub) for a, sub in zip(rules, subs)))

@@ -621,7 +621,7 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
         scored = {rid: D.score_run(s, base) for rid, s in steps.items() if rid in mechanism_of}
         rules_at[every] = rl = list(rules) if rules is not None else [
             (a.window, dict(a.settings)) for a in D.pick_calibration(D.DEFAULT_CALIBRATIONS, every, base.window_at(every)).also]
-        also = {rid: {w: D.score_run(steps[rid], replace(base, window=w)) for w, _ in rl} for rid in scored} if rl else None
+        also = {rid: D.score_windows(steps[rid], base, [w for w, _ in rl]) for rid in scored} if rl else None
         pools: dict[str, list[dict[str, Any]]] = {"seed": [], "mechanism": [], "own": []}
         tradeoff_rows: dict[float, list[dict[str, Any]]] = {m: [] for m in TRADEOFF_MARGINS}
         chosen_for: dict[str, D.DetectorConfig] = {}
@@ -718,7 +718,7 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
         if every in sources:  # the same histories as an earlier request (a store logged every 10 steps)
             continue
         cal = D.pick_calibration(cals, every, base.window_at(every))
-        sources[every] = cal.source + "".join(f"; with the {a.window}-step rule {dict(a.settings)}" for a in cal.also)
+        sources[every] = cal.source + _rules_note(cal)
         scored = {rid: D.score_run(steps[rid], base) for rid in outcomes["run_id"] if rid in steps}
         also = {rid: D.score_rules(steps[rid], base, cal) for rid in scored} if cal.also else None
         for margin in (None, *margins):
@@ -895,6 +895,11 @@ def _build_meta(store: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(meta_file.read_text()) if meta_file.exists() else None
 
 
+def _rules_note(cal: D.Calibration) -> str:
+    """``"; with the 90-step rule {...}"`` per further rule of a calibration (``Calibration.also``)."""
+    return "".join(f"; with the {a.window}-step rule {dict(a.settings)}" for a in cal.also)
+
+
 def _write(path: str | os.PathLike, text: str) -> None:
     """Write a CLI output file (its folder created), ending in one newline."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -917,7 +922,7 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
     _write(args.out, json.dumps(D.calibrations_to_dict(cals), indent=1))
     for e, cal in cals.items():
         print(f"every={e}: {cal.source}; settings {dict(cal.settings) or 'none (EarlyWarning defaults)'}"
-              + "".join(f"; with the {a.window}-step rule {dict(a.settings)}" for a in cal.also))
+              + _rules_note(cal))
     print(f"calibration: {args.out}  (EarlyWarning(calibration={str(args.out)!r}))")
     return 0
 
