@@ -60,8 +60,10 @@ MARGINS = (1.0, 1.25, 1.5, 2.0)
 #: Other settings replayed at every=1 and every=10 (``variants`` in the JSON): name -> ``EarlyWarning`` arguments.
 #: (The every=10 default is min_metrics=1 at margin 2, every=1's min_metrics=2 at margin 1; the committed JSONs'
 #: every=10 defaults and variants were replayed at margin 1.25, every=10's default until margin 2 was chosen on them.)
+#: ``loss_gate=G``: the loss gate (``DetectorConfig.loss_gate``; 0.1 the default, chosen by ``warnings_gate.py``).
 VARIANTS = {"min_metrics=2": {"min_metrics": 2}, "min_metrics=2, margin=1": {"min_metrics": 2, "margin": 1.0},
-            "persist=10": {"persist": 10}}
+            "persist=10": {"persist": 10},
+            **{f"loss_gate={g:g}": {"loss_gate": g} for g in (0.0, 0.05, 0.1, 0.15)}}
 #: Further logging intervals the defaults are replayed at (``intervals`` in the JSON): the calibrations were made
 #: at every=1 and every=10 only, and a detector takes the one whose slope window is nearest its own.
 INTERVALS = (2, 3, 5, 7, 20)

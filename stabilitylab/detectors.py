@@ -41,6 +41,12 @@ at least ``min_points`` logged steps (90 steps at ``every=10``), and thresholds 
 interval (``Calibration.interval``; a detector given ``{interval: Calibration}`` takes the one whose slope window,
 ``Calibration.window``, is nearest its own: ``pick_calibration``).
 
+With ``loss_gate = d > 0`` an alarm also needs the training loss to be at least ``d`` nats above its best so far
+(the EMA ``e_t`` of the logged loss over ``gate_span`` = 20 steps, minus ``min_{s <= t} e_s``: the smoothing of the
+outcome label): signals of a model that is still learning (its loss at its best) grow and accelerate during LR
+ramps and near the edge of stability without warning anyone, and a runaway that will diverge has usually begun
+to lift the loss before the label's 0.5-nat excursion.
+
 Each warning carries a forecast: the leading series (the hot one with the largest ``s / threshold``), its
 metric and module, and the steps left to divergence ``(level_at_divergence[metric] - x_t) / g_t``
 (``g_t`` per step), with the interval ``[estimate * ratio_lo, estimate * ratio_hi]`` where the ratios are
@@ -66,6 +72,8 @@ OUTCOMES = ("stable", "spiked_recovered", "diverged")
 #: ``DetectorConfig`` fields a ``Calibration`` can carry (``Calibration.settings``).
 ADOPTABLE = ("margin", "min_metrics", "persist")
 TRANSFORMS = ("log", "neglog", "identity")
+#: The metric ``DetectorConfig.loss_gate`` reads (the training loss, nats).
+GATE_METRIC = "loss"
 
 #: watched metric -> transform of the default warning. Not watched by default: ``logits.max`` (the largest
 #: output logit grows while a healthy model grows confident; on the warnings benchmark it led no warning that
@@ -337,6 +345,17 @@ class DetectorConfig:
     floor: float = 0.25
     """``calibrate``: no bin's threshold is below ``floor`` x the metric's largest over all bins (a bin where
     the calibration runs barely grew would otherwise fire on any noise of a run that differs from them)."""
+    loss_gate: float = 0.1
+    """Loss gate (nats; 0: off): an alarm counts only while the training loss is at least this far above its
+    best so far, ``e_t - min_{s <= t} e_s >= loss_gate`` with ``e`` the EMA of the logged loss over
+    ``gate_span`` steps (``alpha = 2 k / (gate_span + k)`` at logging interval ``k``: ``label_outcome``'s
+    smoothing at ``every=1``). Growth that a model learning normally shows (its loss still at its best) then
+    warns no one. The gate reads the logged ``loss`` (a ``watch`` without it still scores it, at 0, as a level
+    for the gate); runs that log no finite loss are not gated. The default 0.1 is the gate of 0, 0.05, 0.1, 0.15, 0.2
+    with the best Youden's J on four model families (``benchmarks/warnings_gate.py``; results/warnings_gate.json),
+    checked on four others and on the warnings benchmark."""
+    gate_span: int = 20
+    """Steps in the loss gate's EMA."""
 
     def __post_init__(self) -> None:
         bad = {m: t for m, t in dict(self.watch).items() if t not in TRANSFORMS}
@@ -344,7 +363,7 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig(watch={bad or dict(self.watch)}): give a non-empty metric -> "
                              f"transform mapping with transforms in {TRANSFORMS}")
         for name, lo in (("window", 3), ("min_points", 3), ("lag_points", 2), ("persist", 0), ("burn_in", 0), ("min_metrics", 1), ("cooldown", 0),
-                         ("envelope", 0)):
+                         ("envelope", 0), ("gate_span", 1)):
             v = getattr(self, name)
             if not int_at_least(v, lo):
                 raise ValueError(f"DetectorConfig({name}={v!r}): must be an int >= {lo}")
@@ -360,6 +379,9 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig(sustain={self.sustain!r}): must be a number in (0, 1]")
         if not (isinstance(self.accel, (int, float)) and self.accel >= 0):
             raise ValueError(f"DetectorConfig(accel={self.accel!r}): must be a number >= 0 (0: no gate)")
+        if not (isinstance(self.loss_gate, (int, float)) and math.isfinite(self.loss_gate) and self.loss_gate >= 0):
+            raise ValueError(f"DetectorConfig(loss_gate={self.loss_gate!r}): must be a finite number of nats >= 0 "
+                             "(0: no loss gate)")
 
     def window_at(self, interval: int) -> int:
         """The slope window in steps at a logging interval: ``max(window, min_points * interval)``."""
@@ -382,6 +404,8 @@ class WarningForecast:
     """Every hot (metric, module) at the warning."""
     window: int = 0
     """Slope window in steps of the rule that warned (the calibration's own, or one of ``Calibration.also``)."""
+    loss_gap: float = math.nan
+    """The loss EMA's rise above its best at the warning (nats; NaN without a loss gate, ``DetectorConfig.loss_gate``)."""
 
 
 class _Slope:
@@ -439,6 +463,11 @@ def transform(value: float, how: str) -> float:
     if value <= 0:
         return math.nan
     return math.log(value) if how == "log" else -math.log(value)
+
+
+def untransform(x: float, how: str) -> float:
+    """The raw value of a transformed one (the inverse of ``transform``)."""
+    return x if how == "identity" else math.exp(x) if how == "log" else math.exp(-x)
 
 
 #: One logged step's scored series: ``[((metric, module), score, slope per step, transformed level), ...]``.
@@ -506,6 +535,8 @@ class RunawayDetector:
         self.window = self.config.window
         """Slope window in steps (``DetectorConfig.min_points``)."""
         self._last_warning = -(10**12)
+        self._gate_ema = math.nan
+        self._gate_best = math.inf
         self.warnings: list[WarningForecast] = []
         self.alarm_steps: list[int] = []
 
@@ -534,6 +565,10 @@ class RunawayDetector:
         for key, raw in values.items():
             how = watch.get(key[0])
             if how is None:
+                if key[0] == GATE_METRIC and self.config.loss_gate:  # the gate reads it: a level that never scores
+                    x = transform(float(raw), "log")
+                    if x == x:
+                        out.append((key, 0.0, math.nan, x))
                 continue
             x = transform(float(raw), how)
             if math.isnan(x):
@@ -557,6 +592,8 @@ class RunawayDetector:
         hot metrics (also inside the cooldown)."""
         cfg = self.config
         window = self._window(step)
+        if cfg.loss_gate:
+            self._gate_update(scored)
         if step - self._first < cfg.burn_in:
             return None
         thresholds = self._thresholds
@@ -577,7 +614,7 @@ class RunawayDetector:
         if not hot:
             return None
         recent = {k for k, at in self._hot_at.items() if step - at < window}
-        if len({k[0] for k in recent}) < cfg.min_metrics:
+        if len({k[0] for k in recent}) < cfg.min_metrics or not self.gate_open:
             return None
         self.alarm_steps.append(step)
         if step - self._last_warning < cfg.cooldown:
@@ -585,9 +622,32 @@ class RunawayDetector:
         self._last_warning = step
         ratio, (metric, module), slope, level = max(hot, key=lambda h: h[0])
         est, lo, hi = self.forecast(metric, level, slope)
-        w = WarningForecast(step, metric, module, ratio, est, lo, hi, tuple(sorted(recent)), window)
+        w = WarningForecast(step, metric, module, ratio, est, lo, hi, tuple(sorted(recent)), window, self.gate_gap)
         self.warnings.append(w)
         return w
+
+    def _gate_update(self, scored: Scored) -> None:
+        """Advance the loss gate's EMA and best with this step's loss (from its scored level)."""
+        level = next((lv for (m, _), _, _, lv in scored if m == GATE_METRIC), math.nan)
+        v = untransform(level, self.config.watch.get(GATE_METRIC, "log"))
+        if not math.isfinite(v):
+            return
+        k = self.interval or 1
+        alpha = 2.0 * k / (self.config.gate_span + k)
+        self._gate_ema = v if math.isnan(self._gate_ema) else self._gate_ema + alpha * (v - self._gate_ema)
+        self._gate_best = min(self._gate_best, self._gate_ema)
+
+    @property
+    def gate_gap(self) -> float:
+        """The loss gate's EMA minus its best so far (nats; NaN before a finite loss)."""
+        return self._gate_ema - self._gate_best
+
+    @property
+    def gate_open(self) -> bool:
+        """Whether alarms count (``DetectorConfig.loss_gate``): the gate is off, no finite loss was seen yet,
+        or the loss EMA is at least ``loss_gate`` above its best."""
+        gap = self.gate_gap
+        return not self.config.loss_gate or math.isnan(gap) or gap >= self.config.loss_gate
 
     def update(self, step: int, values: Mapping[tuple[str, str], float]) -> WarningForecast | None:
         """Feed one logged step's raw values (``{(metric, module): value}``); returns a warning or None."""

@@ -608,3 +608,116 @@ def test_shipped_every1_default_carries_the_sustained_rule_of_warnings_rules_jso
     for m, thr in want.thresholds.items():
         assert rule.thresholds[m] == pytest.approx(thr, rel=1e-3)
     assert not D.DEFAULT_CALIBRATIONS[10].also
+
+
+# ---------------------------------------------------------------------------------------------- loss gate
+def _gated_run(every=1, n=600, onset=150, rise_at=330, seed=0, nan_at=()):
+    """Two accelerating signals from ``onset`` and a loss that falls, then rises from ``rise_at`` (with noise)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in range(0, n, every):
+        loss = 3.0 * math.exp(-s / 400) + 0.004 * max(s - rise_at, 0) ** 1.2 + rng.normal(0, 0.02)
+        row = {("m", "blocks.0"): math.exp(2e-5 * max(s - onset, 0) ** 2 + rng.normal(0, 0.02)),
+               ("g", ""): math.exp(1.5e-5 * max(s - onset - 40, 0) ** 2 + rng.normal(0, 0.02)),
+               ("loss", ""): math.nan if s in nan_at else loss}
+        out.append((s, row))
+    return out
+
+
+def _reference_gap(run, every, span=20):
+    """EMA of the finite logged losses (alpha = 2 k / (span + k)) minus its running best, per logged step."""
+    loss = pd.Series([v[("loss", "")] for _, v in run], index=[s for s, _ in run])
+    fin = loss[np.isfinite(loss)]
+    ema = fin.ewm(alpha=2 * every / (span + every), adjust=False).mean()
+    return (ema - ema.cummin()).reindex(loss.index).ffill()
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_loss_gate_keeps_exactly_the_alarm_steps_where_the_loss_ema_is_above_its_best(every):
+    """With ``loss_gate=d`` the alarm steps are the ungated ones on which an independent EMA of the loss (pandas
+    ``ewm``) is at least ``d`` above its running minimum; the first warning is the first of them; a non-finite loss
+    leaves the gate where it was; live ``update`` and offline ``decide_run`` agree."""
+    watch = {"m": "log", "g": "log", "loss": "log"}
+    cal = D.Calibration(thresholds={"m": 0.3, "g": 0.3, "loss": math.inf}, interval=every, window=60 if every == 1 else 90)
+    run = _gated_run(every, nan_at=(400, 410))
+    gap = _reference_gap(run, every)
+    open_cfg = D.DetectorConfig(watch=watch, min_metrics=1, loss_gate=0.0)
+    base = D.decide_run(D.score_run(run, open_cfg), open_cfg, cal)
+    assert base.alarm_steps and base.alarm_steps[0] < 300  # the signals alone warn while the loss still falls
+    for d in (0.05, 0.2):
+        cfg = replace(open_cfg, loss_gate=d)
+        off = D.decide_run(D.score_run(run, cfg), cfg, cal)
+        want = [s for s in base.alarm_steps if gap[s] >= d]
+        assert want and off.alarm_steps == want
+        assert off.warnings[0].step == want[0] > 330
+        assert math.isclose(off.gate_gap, gap.iloc[-1], rel_tol=1e-9, abs_tol=1e-12)
+        live = D.RunawayDetector(cfg, cal)
+        for step, values in run:
+            live.update(step, values)
+        assert live.alarm_steps == off.alarm_steps and [w.step for w in live.warnings] == [w.step for w in off.warnings]
+    # the gate reads the loss also where it is not watched: the same alarms (the loss never scored here)
+    unwatched = D.DetectorConfig(watch={"m": "log", "g": "log"}, min_metrics=1, loss_gate=0.05)
+    assert D.decide_run(D.score_run(run, unwatched), unwatched, cal).alarm_steps == \
+        [s for s in base.alarm_steps if gap[s] >= 0.05]
+    # a run that logs no loss is not gated
+    no_loss = [(s, {k: v for k, v in vals.items() if k[0] != "loss"}) for s, vals in run]
+    cfg = replace(open_cfg, loss_gate=0.2)
+    assert D.decide_run(D.score_run(no_loss, cfg), cfg, cal).alarm_steps == \
+        D.decide_run(D.score_run(no_loss, open_cfg), open_cfg, cal).alarm_steps
+
+
+def test_loss_gate_applies_to_every_rule_of_a_calibration():
+    """A further rule (``Calibration.also``) is gated as the main rule: its alarms too need the loss above its best."""
+    cfg = D.DetectorConfig(watch={"m": "log", "g": "log", "loss": "log"}, min_metrics=2, loss_gate=0.1)
+    main, rule = _rule_cals(5.0, 0.4)
+    main = replace(main, thresholds={**main.thresholds, "loss": math.inf})
+    rule = replace(rule, thresholds={**rule.thresholds, "loss": math.inf})
+    main = replace(main, also=(rule,))
+    run = _gated_run(1)
+    gap = _reference_gap(run, 1)
+    ungated = replace(cfg, loss_gate=0.0)
+    live_open = D.RunawayDetector(ungated, main, adopt=D.ADOPTABLE)
+    live = D.RunawayDetector(cfg, main, adopt=D.ADOPTABLE)
+    for step, values in run:
+        live_open.update(step, values)
+        live.update(step, values)
+    assert live_open.alarm_steps and live_open.alarm_steps[0] < 300
+    assert live.alarm_steps == [s for s in live_open.alarm_steps if gap[s] >= 0.1]
+    off = D.decide_run(D.score_run(run, cfg), cfg, main, also=D.score_rules(run, cfg, main))
+    assert off.alarm_steps == live.alarm_steps and [w.step for w in off.warnings] == [w.step for w in live.warnings]
+
+
+def test_loss_gate_errors_name_the_argument_and_the_fix():
+    for bad in (-0.1, math.nan, math.inf, "0.1"):
+        with pytest.raises(ValueError, match="loss_gate"):
+            D.DetectorConfig(loss_gate=bad)
+    with pytest.raises(ValueError, match="gate_span"):
+        D.DetectorConfig(gate_span=0)
+    from stabilitylab import EarlyWarning
+
+    with pytest.raises(ValueError, match="loss_gate"):
+        EarlyWarning(loss_gate=-1.0)
+    assert EarlyWarning(loss_gate=0.0).config.loss_gate == 0.0
+    assert EarlyWarning().config.loss_gate == D.DetectorConfig().loss_gate
+
+
+def test_shipped_loss_gate_is_the_one_the_stated_rule_picks_on_the_choice_families():
+    """``DetectorConfig.loss_gate``'s default follows the rule of ``benchmarks/warnings_gate.py``, recomputed here
+    from its committed per-half rows: the gate with the largest Youden's J (divergences warned >= 50 steps ahead minus
+    runs that did not diverge warned), summed over every=1 and every=10 at the shipped margins, on the four choice
+    families (ties: the smaller gate); and on the four held-out families it warns no more runs than no gate."""
+    res = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "warnings_gate.json").read_text())
+    shipped = {e: D.DEFAULT_CALIBRATIONS[e].settings["margin"] for e in (1, 10)}
+    rows = [r for r in res["halves"] if r["margin"] == shipped[r["every"]]]
+
+    def j(r):
+        return r["warned_50"] / r["n_diverged"] - r["not_diverged_warned"] / r["not_diverged"]
+
+    gates = sorted({r["loss_gate"] for r in rows})
+    score = {g: sum(j(r) for r in rows if r["half"] == "choose" and r["loss_gate"] == g) for g in gates}
+    assert len(gates) >= 4 and {r["every"] for r in rows} == {1, 10}
+    best = max(gates, key=lambda g: (round(score[g], 12), -g))
+    assert D.DetectorConfig().loss_gate == best == res["chosen_gate"] > 0
+    held = {(r["every"], r["loss_gate"]): r for r in rows if r["half"] == "report"}
+    for e in (1, 10):
+        assert held[(e, best)]["not_diverged_warned"] <= held[(e, 0.0)]["not_diverged_warned"]

@@ -14,7 +14,9 @@ The default calibrations (``detectors.DEFAULT_CALIBRATIONS``, for ``every=1`` an
 recalibrate on your own stable runs with ``stabilitylab warnings calibrate STORE --out cal.json --extend default``
 and ``EarlyWarning(calibration="cal.json")``. At ``every=1`` two rules run side by side, and the first to fire
 warns: two metrics accelerating together over 60 steps, or one sustaining growth over 90 steps at 2.5x the
-fastest any stable run showed (``Calibration.also``; the event's ``window`` says which). On model families the
+fastest any stable run showed (``Calibration.also``; the event's ``window`` says which). Either warns only while
+the training loss (its 20-step EMA) is at least ``loss_gate`` = 0.1 nats above its best so far (pass the loss to
+``monitor.step(loss)``; the event's ``loss_gap`` gives the rise). On model families the
 benchmark does not train (``benchmarks/warnings_external.py``: a GPT written there, HF Llama, GPT-NeoX, Qwen2,
 OPT, Falcon, Phi-3 and Gemma 3; README gives the numbers) the defaults warn some runs near the edge that did not
 diverge: treat a first warning on a new model as a prompt to look, and recalibrate. The calibration used is the one whose slope window is nearest
@@ -75,6 +77,9 @@ class EarlyWarning(Probe):
         min_points: the window spans at least this many logged steps (``window`` is widened at sparse logging).
         lag_points: the acceleration gate's lagged slope counts once it was fit on this many logged steps
             (``DetectorConfig.lag_points``).
+        loss_gate: an alarm counts only while the loss EMA is at least this many nats above its best so far
+            (``DetectorConfig.loss_gate``; None: its default, 0: no gate). Log the loss
+            (``monitor.step(loss)``) for the gate to act; without it alarms are not gated.
     """
 
     name = "early_warning"
@@ -85,14 +90,15 @@ class EarlyWarning(Probe):
                  margin: float | None = None, cooldown: int = 50,
                  callback: Callable[[Event], None] | None = None, snapshot_dir: str | Path | None = None,
                  snapshot_steps: int = 50, max_snapshots: int = 1, min_points: int = 9,
-                 lag_points: int = 5):
+                 lag_points: int = 5, loss_gate: float | None = None):
         super().__init__()
         given = {k: v for k, v in (("persist", persist), ("min_metrics", min_metrics), ("margin", margin))
                  if v is not None}
         self.adopt = tuple(k for k in D.ADOPTABLE if k not in given)
         self.config = D.DetectorConfig(watch=dict(DEFAULT_WATCH if watch is None else watch), window=window,
                                        min_points=min_points, lag_points=lag_points, burn_in=burn_in,
-                                       cooldown=cooldown, **given)
+                                       cooldown=cooldown, **given,
+                                       **({} if loss_gate is None else {"loss_gate": loss_gate}))
         cal = D.load_calibration(calibration, "EarlyWarning(calibration)")
         self.calibrations = D.DEFAULT_CALIBRATIONS if cal is None else cal
         for name, v in (("snapshot_steps", snapshot_steps), ("max_snapshots", max_snapshots)):
@@ -141,10 +147,12 @@ class EarlyWarning(Probe):
         ev = Event(self.run_id, step, "early_warning", w.module, w.score,
                    f"{where} is running away ({w.score:.2g}x its calibrated growth limit); forecast: divergence "
                    f"in ~{w.steps_left:.0f} steps ({w.steps_left_lo:.0f}-{w.steps_left_hi:.0f}); "
-                   f"{len(w.hot)} series hot over {w.window} steps",
+                   f"{len(w.hot)} series hot over {w.window} steps"
+                   + (f"; loss {w.loss_gap:.2g} nats above its best" if w.loss_gap == w.loss_gap else ""),
                    {"metric": w.metric, "module": w.module, "steps_left": w.steps_left,
                     "steps_left_lo": w.steps_left_lo, "steps_left_hi": w.steps_left_hi,
                     "predicted_step": step + w.steps_left, "window": w.window,
+                    "loss_gap": w.loss_gap if w.loss_gap == w.loss_gap else None,
                     "series": [{"metric": m, "module": mod} for m, mod in w.hot]})
         if not self._python_warned:
             self._python_warned = True

@@ -685,14 +685,15 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
 
 
 def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, ...] = EVERIES,
-          margins: Sequence[float] = (), censor: int = CENSOR) -> dict[str, Any]:
+          margins: Sequence[float] = (), censor: int = CENSOR, loss_gates: Sequence[float] = ()) -> dict[str, Any]:
     """The warning with a calibration as it is, nothing recalibrated, on every run of a store: what
     ``EarlyWarning(calibration=calibration)`` would have said on those runs (``evaluate`` instead calibrates on
     some runs and tests on the others).
 
     ``calibration``: None (the shipped ``detectors.DEFAULT_CALIBRATIONS``), a ``Calibration``, a mapping or the
     JSON file ``warnings calibrate`` / ``--calibration-out`` writes; at each interval the one a detector would
-    pick (``detectors.pick_calibration``), at its own settings and at each of ``margins``. Same outcome labels,
+    pick (``detectors.pick_calibration``), at its own settings, at each of ``margins`` and with each loss gate of
+    ``loss_gates`` (``DetectorConfig.loss_gate``, nats; 0: none) instead of the default one. Same outcome labels,
     censoring and per-run measurement as ``evaluate``.
 
     Returns:
@@ -702,6 +703,9 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
     margins = [float(m) for m in margins]
     if any(not m > 0 for m in margins):
         raise ValueError(f"margins={margins}: each must be a number > 0 (a multiplier on the thresholds)")
+    loss_gates = [float(g) for g in loss_gates]
+    if any(not (math.isfinite(g) and g >= 0) for g in loss_gates):
+        raise ValueError(f"loss_gates={loss_gates}: each must be a number of nats >= 0 (0: no loss gate)")
     cals = D.load_calibration(calibration, "calibration") or D.DEFAULT_CALIBRATIONS
     runs, history = load_benchmark(path)
     outcomes = label_runs(runs, history)
@@ -721,13 +725,16 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
         sources[every] = cal.source + _rules_note(cal)
         scored = {rid: D.score_run(steps[rid], base) for rid in outcomes["run_id"] if rid in steps}
         also = {rid: D.score_rules(steps[rid], base, cal) for rid in scored} if cal.also else None
-        for margin in (None, *margins):
+        for margin, gate in ((None, None), *((m, None) for m in margins), *((None, g) for g in loss_gates)):
             settings = {**cal.settings, **({} if margin is None else {"margin": margin})}
-            cfg = replace(base, **{k: settings[k] for k in D.ADOPTABLE if k in settings})
+            cfg = replace(base, **{k: settings[k] for k in D.ADOPTABLE if k in settings},
+                          **({} if gate is None else {"loss_gate": gate}))
             res, rows = _measure(list(scored), outcomes, scored, cfg, cal, censor=censor, also=also)
-            summary.append({"every": every, "settings": "calibration's" if margin is None else f"margin={margin:g}",
-                            "margin": cfg.margin, "min_metrics": cfg.min_metrics, "persist": cfg.persist, **res})
-            if margin is None:
+            label = "calibration's" if margin is None and gate is None else \
+                f"margin={margin:g}" if gate is None else f"loss_gate={gate:g}"
+            summary.append({"every": every, "settings": label, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
+                            "persist": cfg.persist, "loss_gate": cfg.loss_gate, **res})
+            if margin is None and gate is None:
                 per_run += [{**r, "every": every} for r in rows]
     source = "the shipped defaults" if calibration is None else (
         str(calibration) if isinstance(calibration, (str, os.PathLike)) else "a calibration passed in")
@@ -735,7 +742,7 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
     pr = pr.sort_values(["every", "mechanism", "role", "lr", "seed"], kind="stable", ignore_index=True) if len(pr) else pr
     return {"summary": pd.DataFrame(summary), "per_run": pr, "composition": composition(outcomes),
             "meta": {"calibration": source, "censor": censor, "intervals": intervals, "margins": margins,
-                     "sources": dict(sorted(sources.items()))}}
+                     "loss_gates": loss_gates, "sources": dict(sorted(sources.items()))}}
 
 
 def check_markdown(result: dict[str, Any]) -> str:
@@ -855,8 +862,9 @@ def _build_cmd(args: argparse.Namespace) -> int:
 def _evaluate_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        base = D.DetectorConfig(**({} if args.loss_gate is None else {"loss_gate": args.loss_gate}))
         res = evaluate(args.store, everys=tuple(args.every), censor=args.censor, settings_from=args.settings_from,
-                       rules=() if args.no_rules else None)
+                       rules=() if args.no_rules else None, base=base)
     build_meta = _build_meta(args.store)
     md = markdown(res, build_meta)
     print(md)
@@ -877,7 +885,7 @@ def _check_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = check(args.store, calibration=args.calibration, everys=tuple(args.every), margins=args.margins,
-                    censor=args.censor)
+                    censor=args.censor, loss_gates=args.loss_gates)
     md = check_markdown(res)
     print(md)
     if args.json:
@@ -954,6 +962,9 @@ def add_parser(sub) -> None:
                         "carries (e.g. a development build's --calibration-out) instead of choosing them per split")
     e.add_argument("--no-rules", action="store_true",
                    help="leave out the shipped defaults' further rules (at every=1 the sustained rule): the main rule alone")
+    e.add_argument("--loss-gate", type=float, default=None,
+                   help=f"nats the loss EMA must be above its best for an alarm (default {D.DetectorConfig().loss_gate:g}; "
+                        "0: no loss gate)")
     e.add_argument("--json", default=None, help="also write the results as JSON here")
     e.add_argument("--md", default=None, help="also write the markdown here")
     e.add_argument("--calibration-out", default=None,
@@ -970,6 +981,9 @@ def add_parser(sub) -> None:
                    help="logging intervals to check by subsampling the histories (default 1 10)")
     k.add_argument("--margins", type=float, nargs="*", default=[],
                    help="also check at these threshold margins (e.g. 1 1.5 2), besides the calibration's own")
+    k.add_argument("--loss-gates", type=float, nargs="*", default=[],
+                   help="also check with these loss gates (nats above the loss's best; 0: none) instead of the "
+                        f"default {D.DetectorConfig().loss_gate:g}")
     k.add_argument("--censor", type=int, default=CENSOR,
                    help=f"steps at the end of runs that did not diverge that are not judged (default {CENSOR})")
     k.add_argument("--json", default=None, help="also write the results as JSON here")

@@ -111,13 +111,16 @@ def test_quiet_on_long_stable_noisy_series_and_evaluate_summary():
 def test_live_probe_and_offline_replay_raise_the_same_warnings():
     cal = {"thresholds": {m: 0.05 for m in ("attn.max_logit", "attn.entropy", "update.ratio", "loss")}}
     live = []
-    ew = EarlyWarning(calibration=cal, burn_in=10, window=20, persist=2, cooldown=15, callback=live.append)
+    # no loss gate: the 80-step run warns on its signals before its loss rises (the gate: its own tests)
+    ew = EarlyWarning(calibration=cal, burn_in=10, window=20, persist=2, cooldown=15, callback=live.append,
+                      loss_gate=0.0)
     cfg = TrainConfig(model=ProxyConfig(d_model=16, n_layers=1, head_dim=8, seq_len=16), steps=80, batch_size=4,
                       lr=0.3, lr_schedule="0:0.05,80:1", eval_batches=1)
     with pytest.warns(RuntimeWarning, match="early warning"):
         res = train_one(cfg, monitor=lambda m, o: Monitor(m, optimizer=o, every=1, run_id="live",
                                                           probes=["attention", "optimizer", ew]))
-    offline = EarlyWarning(calibration=cal, burn_in=10, window=20, persist=2, cooldown=15).replay(res.history)
+    offline = EarlyWarning(calibration=cal, burn_in=10, window=20, persist=2, cooldown=15,
+                           loss_gate=0.0).replay(res.history)
     assert len(offline) >= 2
     assert [(e.step, e.extra["metric"], e.module, e.extra["steps_left"]) for e in live] == \
         [(e.step, e.extra["metric"], e.module, e.extra["steps_left"]) for e in offline]
@@ -298,3 +301,31 @@ def test_calibrate_warnings_extends_the_defaults_and_censors_the_end_of_stable_r
         calibrate_warnings(runs, hist, censor=-1)
     with pytest.raises(ValueError, match="every"):
         calibrate_warnings(runs, hist, every=0)
+
+
+def test_loss_gate_through_the_monitor_reports_the_gap_and_delays_no_gated_warning():
+    """Live through a Monitor: with ``loss_gate`` the first warning is the first ungated alarm step on which the
+    loss EMA (span 20, pandas ``ewm``) is >= the gate above its running best, and the event carries that gap."""
+    rng = np.random.default_rng(1)
+    losses = [2.0 * math.exp(rng.normal(0, 0.01) + (0.05 * (t - 25) if t > 25 else 0)) for t in range(60)]
+
+    def run(gate):
+        got = []
+        ew = EarlyWarning(watch={"loss": "log"}, min_metrics=1, calibration={"thresholds": {"loss": 2.0}}, burn_in=5,
+                          window=6, persist=0, loss_gate=gate, callback=got.append)
+        mon = Monitor(torch.nn.Linear(2, 2), probes=[ew], every=1, run_id=f"g{gate}")
+        with pytest.warns(RuntimeWarning, match="early warning"):
+            for v in losses:
+                mon.step(v)
+        mon.close()
+        return got, ew.alarm_steps
+
+    open_events, open_alarms = run(0.0)
+    ema = pd.Series(losses).ewm(alpha=2 / 21, adjust=False).mean()
+    gap = ema - ema.cummin()
+    gated, alarms = run(0.3)
+    assert open_events[0].extra["loss_gap"] is None and "nats above" not in open_events[0].message
+    want = [s for s in open_alarms if gap[s] >= 0.3]
+    assert alarms == want and gated[0].step == want[0] > open_events[0].step
+    assert gated[0].extra["loss_gap"] == pytest.approx(gap[want[0]], rel=1e-6)
+    assert "nats above its best" in gated[0].message

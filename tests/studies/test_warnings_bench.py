@@ -280,8 +280,8 @@ def test_evaluate_returns_one_calibration_per_every_and_the_cli_writes_them(rese
     # every=10 is every=1's history subsampled: its thresholds come from fewer, wider-window slopes
     assert cals[1].thresholds != cals[10].thresholds
     real = W.evaluate
-    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor, settings_from, rules: real(
-        store, everys=everys, grid=(), censor=censor, rules=rules))
+    monkeypatch.setattr(W, "evaluate", lambda store, everys, censor, settings_from, rules, base: real(
+        store, everys=everys, grid=(), censor=censor, rules=rules, base=base))
     path = tmp_path / "cal.json"
     assert main(["warnings", "evaluate", str(out), "--every", "1", "10", "--calibration-out", str(path)]) == 0
     on_disk = json.loads(path.read_text())
@@ -511,3 +511,37 @@ def test_check_measures_a_calibration_as_the_live_probe_replays_it(mini, tmp_pat
         W.check(out, margins=(0,))
     with pytest.raises(FileNotFoundError, match="calibration="):
         W.check(out, calibration=tmp_path / "missing.json")
+
+
+def test_check_loss_gates_match_the_live_probe_and_only_remove_warnings(mini, capsys):
+    """``check(loss_gates=...)`` rows equal ``EarlyWarning(loss_gate=g)`` replayed run by run, and a gate only
+    removes alarms: no run is warned with a gate that is not warned without it, and no lead grows (a calibration
+    with low thresholds, so that these short runs warn at all)."""
+    from stabilitylab.analysis.early_warning import evaluate_warnings
+
+    out, _ = mini
+    shipped = D.DEFAULT_CALIBRATIONS[1]
+    loud = {1: replace(shipped, thresholds={m: 0.05 for m in shipped.thresholds}, also=())}
+    gates = (0.0, 0.1, 0.5)
+    res = W.check(out, calibration=loud, everys=(1,), censor=0, loss_gates=gates)
+    s = res["summary"].set_index("settings")
+    assert list(s.index) == ["calibration's", "loss_gate=0", "loss_gate=0.1", "loss_gate=0.5"]
+    assert list(s["loss_gate"]) == [D.DetectorConfig().loss_gate, *gates]
+    runs, history = W.load_benchmark(out)
+    for g in gates:
+        per_run, _ = evaluate_warnings(runs, history, calibration=loud, loss_gate=g)
+        div, calm = per_run[per_run["label"] == "diverged"], per_run[per_run["label"] == "stable"]
+        row = s.loc[f"loss_gate={g:g}"]
+        assert len(div) and len(calm)
+        assert row["warned_any_share"] == pytest.approx(div["lead_steps"].notna().mean())
+        assert row["warned_50_share"] == pytest.approx((div["lead_steps"] >= 50).mean())
+        assert row["stable_warned_share"] == pytest.approx(calm["first_warning"].notna().mean())
+    assert s.loc["loss_gate=0", "stable_warned_share"] > 0 and s.loc["loss_gate=0", "warned_any_share"] > 0
+    for a, b in (("loss_gate=0", "loss_gate=0.1"), ("loss_gate=0.1", "loss_gate=0.5")):
+        assert s.loc[b, "warned_any_share"] <= s.loc[a, "warned_any_share"]
+        assert s.loc[b, "stable_warned_share"] <= s.loc[a, "stable_warned_share"]
+        assert s.loc[b, "fa_steps_stable"] < s.loc[a, "fa_steps_stable"]
+    with pytest.raises(ValueError, match="loss_gates"):
+        W.check(out, loss_gates=(-0.1,))
+    assert main(["warnings", "evaluate", str(out), "--loss-gate", "-1"]) == 2
+    assert "loss_gate=-1" in capsys.readouterr().err
