@@ -87,5 +87,5 @@ def test_variant_rows_are_keyed_by_interval_and_settings():
         == (1, 1, 1, 1, 1) and got["median_lead"] == 100.0
     (plain,) = ext.summarise(rows, [10])
     assert (plain["not_diverged_warned"], plain["warned_50"]) == (0, 0)
-    assert set(ext.VARIANTS) >= {"min_metrics=2"} and all(set(kw) <= {"min_metrics", "margin", "persist"}
-                                                         for kw in ext.VARIANTS.values())
+    assert set(ext.VARIANTS) >= {"min_metrics=2", "loss_gate=0"} and all(
+        set(kw) <= {"min_metrics", "margin", "persist", "loss_gate"} for kw in ext.VARIANTS.values())
