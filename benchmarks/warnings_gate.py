@@ -23,15 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 from warnings_pooled import counts, load_pool  # the script's folder is on sys.path
 
 from stabilitylab import detectors as D
-from stabilitylab.analysis.early_warning import logged_interval, run_steps
 from stabilitylab.studies import warnings_bench as W
 
 GATES = (0.0, 0.05, 0.1, 0.15, 0.2)
@@ -47,23 +44,16 @@ def per_run(outcomes: pd.DataFrame, history: pd.DataFrame, gates=GATES, everys=E
             desc: str = "") -> pd.DataFrame:
     """``warnings_bench._measure`` rows of every run at each logging interval and gate (the shipped defaults;
     at ``every=10`` also at each of ``MARGINS_10``; ``shipped``: the row has the calibration's own margin)."""
-    base = D.DetectorConfig()
     rows = []
-    for every in everys:
-        steps = run_steps(history, every)
-        interval = logged_interval(steps)
-        cal = D.pick_calibration(D.DEFAULT_CALIBRATIONS, interval, base.window_at(interval))
-        ids = [r for r in outcomes["run_id"] if r in steps]
-        scored = {r: D.score_run(steps[r], base) for r in tqdm(ids, desc=f"{desc} score every={every}")}
-        also = {r: D.score_rules(steps[r], base, cal) for r in ids} if cal.also else None
-        own = {k: cal.settings[k] for k in D.ADOPTABLE if k in cal.settings}
-        margins = sorted({own.get("margin", base.margin), *(MARGINS_10 if interval == 10 else ())})
+    for _, every, replay in W.replays(outcomes, history, D.DEFAULT_CALIBRATIONS, everys, progress=True, desc=desc):
+        if replay is None:
+            continue
+        own = replay.config().margin
         for gate in gates:
-            for margin in margins:
-                cfg = replace(base, **{**own, "margin": margin}, loss_gate=gate)
-                rows += [{**r, "every": every, "loss_gate": gate, "margin": margin,
-                          "shipped": margin == own.get("margin", base.margin)}
-                         for r in W._measure(ids, outcomes, scored, cfg, cal, censor=censor, also=also)[1]]
+            for margin in sorted({own, *(MARGINS_10 if every == 10 else ())}):
+                rows += [{**r, "every": every, "loss_gate": gate, "margin": margin, "shipped": margin == own}
+                         for r in replay.measure(outcomes, replay.config(margin=margin, loss_gate=gate),
+                                                 censor=censor)[1]]
     return pd.DataFrame(rows)
 
 

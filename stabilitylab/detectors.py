@@ -30,8 +30,8 @@ already are logs, e.g. log Z), and on each logged step ``t`` the detector comput
   rise and ``h_t >= g_t`` holds on it.
 
 A series is *hot* when ``s_t > threshold[metric]`` on every logged step of the last ``persist`` steps.
-A warning is raised when series of at least ``min_metrics`` different metrics have been hot within the
-last ``window`` steps. Thresholds are calibrated (``calibrate``) as ``margin`` x the largest score seen on
+A warning is raised when series of at least ``min_metrics`` different metrics, or one series of a ``solo``
+metric, have been hot within the last ``window`` steps (and a series is hot on this step). Thresholds are calibrated (``calibrate``) as ``margin`` x the largest score seen on
 runs that stayed stable (or spiked and recovered), per ``envelope``-step bin of training (and its two
 neighbours; no bin below ``floor`` = 0.25 x the metric's largest bin, chosen on the development build),
 so they follow the schedule the calibration runs share and the false-alarm rate is set by
@@ -356,6 +356,9 @@ class DetectorConfig:
     checked on four others and on the warnings benchmark."""
     gate_span: int = 20
     """Steps in the loss gate's EMA."""
+    solo: tuple[str, ...] = ()
+    """Metrics that warn alone: a hot series of one of these meets ``min_metrics`` by itself (the other rules,
+    the loss gate included, still hold)."""
 
     def __post_init__(self) -> None:
         bad = {m: t for m, t in dict(self.watch).items() if t not in TRANSFORMS}
@@ -379,6 +382,12 @@ class DetectorConfig:
             raise ValueError(f"DetectorConfig(sustain={self.sustain!r}): must be a number in (0, 1]")
         if not (isinstance(self.accel, (int, float)) and self.accel >= 0):
             raise ValueError(f"DetectorConfig(accel={self.accel!r}): must be a number >= 0 (0: no gate)")
+        if not isinstance(self.solo, str) and isinstance(self.solo, Sequence):
+            object.__setattr__(self, "solo", tuple(self.solo))
+        if not isinstance(self.solo, tuple) or not all(isinstance(m, str) for m in self.solo) or \
+                set(self.solo) - set(self.watch):
+            raise ValueError(f"DetectorConfig(solo={self.solo!r}): give a tuple of watched metric names (watched: "
+                             f"{sorted(self.watch)}); add a metric to watch to let it warn alone")
         if not (isinstance(self.loss_gate, (int, float)) and math.isfinite(self.loss_gate) and self.loss_gate >= 0):
             raise ValueError(f"DetectorConfig(loss_gate={self.loss_gate!r}): must be a finite number of nats >= 0 "
                              "(0: no loss gate)")
@@ -614,7 +623,8 @@ class RunawayDetector:
         if not hot:
             return None
         recent = {k for k, at in self._hot_at.items() if step - at < window}
-        if len({k[0] for k in recent}) < cfg.min_metrics or not self.gate_open:
+        metrics = {k[0] for k in recent}
+        if (len(metrics) < cfg.min_metrics and not metrics.intersection(cfg.solo)) or not self.gate_open:
             return None
         self.alarm_steps.append(step)
         if step - self._last_warning < cfg.cooldown:

@@ -721,3 +721,91 @@ def test_shipped_loss_gate_is_the_one_the_stated_rule_picks_on_the_choice_famili
     held = {(r["every"], r["loss_gate"]): r for r in rows if r["half"] == "report"}
     for e in (1, 10):
         assert held[(e, best)]["not_diverged_warned"] <= held[(e, 0.0)]["not_diverged_warned"]
+
+
+def _reference_alarms(scored, thr, window, burn_in, need, solo=()):
+    """Alarm steps from the scores alone: a step is an alarm when some series is above its threshold on it and,
+    within the last ``window`` steps, series of ``need`` metrics (or one of ``solo``) were."""
+    first = scored[0][0]
+    hot_at: dict[str, list[int]] = {}
+    alarms = []
+    for step, row in scored:
+        if step - first < burn_in:
+            continue
+        now = {key[0] for key, score, _, _ in row if score > thr[key[0]]}
+        for m in now:
+            hot_at.setdefault(m, []).append(step)
+        recent = {m for m, at in hot_at.items() if any(step - a < window for a in at)}
+        if now and (len(recent) >= need or recent & set(solo)):
+            alarms.append(step)
+    return alarms
+
+
+@pytest.mark.parametrize("every", [1, 10])
+def test_a_solo_metric_meets_min_metrics_alone_and_the_alarms_match_a_reference(every):
+    """``DetectorConfig.solo``: a hot series of a solo metric warns without a second metric; the alarm steps equal
+    an independent count over the scores (some series above its threshold now, and two metrics, or a solo one,
+    above within the window); ``solo`` of every metric is ``min_metrics=1``; the loss gate still holds; live and
+    offline agree."""
+    thr = {"m": 0.3, "g": 0.3}
+    cal = D.Calibration(thresholds=thr, interval=every, window=60 if every == 1 else 90)
+    run = _two_signal_run(every)  # m accelerates from step 150, g from step 190
+    cfg = D.DetectorConfig(watch={"m": "log", "g": "log"}, min_metrics=2, loss_gate=0.0)
+    scored = D.score_run(run, cfg)
+    window = cfg.window_at(every)
+    got = {}
+    for solo in ((), ("m",), ("g",), ("m", "g")):
+        c = replace(cfg, solo=solo)
+        off = D.decide_run(scored, c, cal)
+        want = _reference_alarms(scored, thr, window, c.burn_in, 2, solo)
+        assert want and off.alarm_steps == want, solo
+        live = D.RunawayDetector(c, cal)
+        for step, values in run:
+            live.update(step, values)
+        assert live.alarm_steps == off.alarm_steps and [w.step for w in live.warnings] == [w.step for w in off.warnings]
+        got[solo] = off
+    assert got[("m",)].warnings[0].step < got[()].warnings[0].step  # m alone warns before g joins it
+    assert got[("m",)].warnings[0].metric == "m"
+    one = replace(cfg, min_metrics=1)
+    assert D.decide_run(scored, one, cal).alarm_steps == got[("m", "g")].alarm_steps
+    # the gate still holds: a loss at its best keeps a solo metric quiet
+    flat = [(s, {**v, ("loss", ""): 3.0 - 1e-3 * s}) for s, v in run]
+    gated = replace(cfg, solo=("m",), loss_gate=0.1)
+    assert not D.decide_run(D.score_run(flat, gated), gated, cal).alarm_steps
+
+
+def test_solo_errors_name_the_argument_and_the_fix():
+    watch = {"m": "log", "g": "log"}
+    with pytest.raises(ValueError, match=r"solo='m'.*add a metric to watch"):
+        D.DetectorConfig(watch=watch, solo="m")
+    with pytest.raises(ValueError, match=r"solo=\('x',\).*watched: \['g', 'm'\]"):
+        D.DetectorConfig(watch=watch, solo=("x",))
+    assert D.DetectorConfig(watch=watch, solo=["m"]).solo == ("m",)
+
+
+def test_shipped_solo_is_the_one_the_stated_rule_picks_on_the_development_build_and_choice_families():
+    """``DetectorConfig.solo``'s default follows the rule of ``benchmarks/warnings_solo.py``, recomputed here from
+    its committed rows: of no solo metric and each watched metric alone, the largest Youden's J (divergences warned
+    >= 50 steps ahead minus stable / not-diverged runs warned) summed over the development build (each mechanism
+    held out) and the four choice families at every=1 (the first candidate, none, on a tie), adopted only if on
+    the four held-out families it warns no more runs that did not diverge than none."""
+    res = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "warnings_solo.json").read_text())
+    cands = res["candidates"]
+    assert cands[0] == "" and set(cands[1:]) == set(D.DEFAULT_WATCH)
+    dev = {r["solo"]: r["warned_50_share"] - r["stable_warned_share"]
+           for r in res["development"] if r["split"] == "all mechanisms held out"}
+    fam = {r["solo"]: r["warned_50"] / r["diverged"] - r["not_diverged_warned"] / r["not_diverged"]
+           for r in res["families_by_half"] if r["half"] == "choose"}
+    assert set(dev) == set(fam) == set(cands)
+    total = {c: dev[c] + fam[c] for c in cands}
+    best = max(cands, key=lambda c: round(total[c], 12))  # max keeps the first on a tie
+    assert best == res["chosen"]
+    # adopted only if it warns no more of the held-out families' runs that did not diverge than none does
+    held = {r["solo"]: r["not_diverged_warned"] for r in res["families_by_half"] if r["half"] == "report"}
+    adopted = best if held[best] <= held[""] else ""
+    assert adopted == res["adopted"] and D.DetectorConfig().solo == (tuple(adopted.split(",")) if adopted else ())
+    # every family's runs were replayed for every candidate, the benchmark's for none and the chosen one
+    per_run = pd.DataFrame(res["per_run"])
+    fams = per_run[per_run["group"] == "families"]
+    assert fams.groupby("solo")["run_id"].nunique().to_dict() == {c: fams["run_id"].nunique() for c in cands}
+    assert set(per_run[per_run["group"] == "benchmark"]["solo"]) == {"", best}

@@ -16,7 +16,9 @@ and ``EarlyWarning(calibration="cal.json")``. At ``every=1`` two rules run side 
 warns: two metrics accelerating together over 60 steps, or one sustaining growth over 90 steps at 2.5x the
 fastest any stable run showed (``Calibration.also``; the event's ``window`` says which). Either warns only while
 the training loss (its 20-step EMA) is at least ``loss_gate`` = 0.1 nats above its best so far (pass the loss to
-``monitor.step(loss)``; the event's ``loss_gap`` gives the rise). On model families the
+``monitor.step(loss)``; the event's ``loss_gap`` gives the rise). ``solo`` names metrics that warn without a
+second one (default none: ``grad.global_norm`` alone warned more divergences early on the benchmark, and more
+runs that did not diverge on held-out model families; README). On model families the
 benchmark does not train (``benchmarks/warnings_external.py``: a GPT written there, HF Llama, GPT-NeoX, Qwen2,
 OPT, Falcon, Phi-3 and Gemma 3; README gives the numbers) the defaults warn some runs near the edge that did not
 diverge: treat a first warning on a new model as a prompt to look, and recalibrate. The calibration used is the one whose slope window is nearest
@@ -80,6 +82,7 @@ class EarlyWarning(Probe):
         loss_gate: an alarm counts only while the loss EMA is at least this many nats above its best so far
             (``DetectorConfig.loss_gate``; None: its default, 0: no gate). Log the loss
             (``monitor.step(loss)``) for the gate to act; without it alarms are not gated.
+        solo: metrics that warn alone, without a second metric hot (``DetectorConfig.solo``; None: its default).
     """
 
     name = "early_warning"
@@ -90,7 +93,7 @@ class EarlyWarning(Probe):
                  margin: float | None = None, cooldown: int = 50,
                  callback: Callable[[Event], None] | None = None, snapshot_dir: str | Path | None = None,
                  snapshot_steps: int = 50, max_snapshots: int = 1, min_points: int = 9,
-                 lag_points: int = 5, loss_gate: float | None = None):
+                 lag_points: int = 5, loss_gate: float | None = None, solo: tuple[str, ...] | None = None):
         super().__init__()
         given = {k: v for k, v in (("persist", persist), ("min_metrics", min_metrics), ("margin", margin))
                  if v is not None}
@@ -98,7 +101,8 @@ class EarlyWarning(Probe):
         self.config = D.DetectorConfig(watch=dict(DEFAULT_WATCH if watch is None else watch), window=window,
                                        min_points=min_points, lag_points=lag_points, burn_in=burn_in,
                                        cooldown=cooldown, **given,
-                                       **({} if loss_gate is None else {"loss_gate": loss_gate}))
+                                       **({} if loss_gate is None else {"loss_gate": loss_gate}),
+                                       **({} if solo is None else {"solo": solo}))
         cal = D.load_calibration(calibration, "EarlyWarning(calibration)")
         self.calibrations = D.DEFAULT_CALIBRATIONS if cal is None else cal
         for name, v in (("snapshot_steps", snapshot_steps), ("max_snapshots", max_snapshots)):

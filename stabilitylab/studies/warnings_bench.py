@@ -61,7 +61,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -684,8 +684,59 @@ def evaluate(path: str | os.PathLike, everys: tuple[int, ...] = EVERIES, base: D
 
 
 
+@dataclass(frozen=True)
+class Replay:
+    """The runs of a store scored at one logging interval, with the calibration a detector picks there:
+    what ``check`` (and ``benchmarks/warnings_gate.py``) replay the shipped or a given calibration on."""
+
+    every: int
+    calibration: D.Calibration
+    scored: dict[str, D.ScoredRun]
+    also: dict[str, Any] | None  # run id -> the run scored on each further rule's window (``score_rules``)
+    base: D.DetectorConfig
+
+    def config(self, margin: float | None = None, loss_gate: float | None = None) -> D.DetectorConfig:
+        """``base`` with the calibration's own settings (``Calibration.settings``), then ``margin`` and
+        ``loss_gate`` where given."""
+        own = {k: self.calibration.settings[k] for k in D.ADOPTABLE if k in self.calibration.settings}
+        return replace(self.base, **{**own, **({} if margin is None else {"margin": margin}),
+                                     **({} if loss_gate is None else {"loss_gate": loss_gate})})
+
+    def measure(self, outcomes: pd.DataFrame, cfg: D.DetectorConfig, censor: int = CENSOR
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """``_measure`` on every scored run with ``cfg``: the summary and the per-run rows."""
+        return _measure(list(self.scored), outcomes, self.scored, cfg, self.calibration, censor=censor,
+                        also=self.also)
+
+
+def replays(outcomes: pd.DataFrame, history: pd.DataFrame, calibrations: D.Calibrations,
+            everys: Sequence[int] = EVERIES, base: D.DetectorConfig | None = None, progress: bool = False,
+            desc: str = "") -> Iterator[tuple[int, int, Replay | None]]:
+    """``(asked, every, Replay)`` per requested logging interval ``asked``, with ``every`` the interval its
+    subsampled histories are logged at; the ``Replay`` is None when those histories are an earlier request's
+    (every=1 and every=10 on a store a Monitor logged every 10 steps)."""
+    from tqdm.auto import tqdm
+
+    base = base or D.DetectorConfig()
+    seen: set[int] = set()
+    for asked in everys:
+        steps = run_steps(history, asked)
+        every = logged_interval(steps)
+        if every in seen:
+            yield asked, every, None
+            continue
+        seen.add(every)
+        cal = D.pick_calibration(calibrations, every, base.window_at(every))
+        ids = [rid for rid in outcomes["run_id"] if rid in steps]
+        scored = {rid: D.score_run(steps[rid], base)
+                  for rid in tqdm(ids, desc=f"{desc} score every={every}".strip(), disable=not progress)}
+        also = {rid: D.score_rules(steps[rid], base, cal) for rid in ids} if cal.also else None
+        yield asked, every, Replay(every, cal, scored, also, base)
+
+
 def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, ...] = EVERIES,
-          margins: Sequence[float] = (), censor: int = CENSOR, loss_gates: Sequence[float] = ()) -> dict[str, Any]:
+          margins: Sequence[float] = (), censor: int = CENSOR, loss_gates: Sequence[float] = (),
+          base: D.DetectorConfig | None = None) -> dict[str, Any]:
     """The warning with a calibration as it is, nothing recalibrated, on every run of a store: what
     ``EarlyWarning(calibration=calibration)`` would have said on those runs (``evaluate`` instead calibrates on
     some runs and tests on the others).
@@ -693,7 +744,8 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
     ``calibration``: None (the shipped ``detectors.DEFAULT_CALIBRATIONS``), a ``Calibration``, a mapping or the
     JSON file ``warnings calibrate`` / ``--calibration-out`` writes; at each interval the one a detector would
     pick (``detectors.pick_calibration``), at its own settings, at each of ``margins`` and with each loss gate of
-    ``loss_gates`` (``DetectorConfig.loss_gate``, nats; 0: none) instead of the default one. Same outcome labels,
+    ``loss_gates`` (``DetectorConfig.loss_gate``, nats; 0: none) instead of the default one; ``base``: the other
+    detector settings (default ``DetectorConfig()``, e.g. ``DetectorConfig(solo=())``). Same outcome labels,
     censoring and per-run measurement as ``evaluate``.
 
     Returns:
@@ -711,29 +763,22 @@ def check(path: str | os.PathLike, calibration: Any = None, everys: tuple[int, .
     outcomes = label_runs(runs, history)
     if outcomes.empty:
         raise ValueError(f"{str(path)!r}: no run has a logged loss; the check needs Monitor histories")
-    base = D.DetectorConfig()
     summary: list[dict[str, Any]] = []
     per_run: list[dict[str, Any]] = []
     intervals: dict[int, int] = {}  # requested every -> the interval its subsampled histories are logged at
     sources: dict[int, str] = {}  # logged interval -> the source of the calibration picked for it
-    for asked in everys:
-        steps = run_steps(history, asked)
-        every = intervals[asked] = logged_interval(steps)
-        if every in sources:  # the same histories as an earlier request (a store logged every 10 steps)
+    for asked, every, replay in replays(outcomes, history, cals, everys, base=base):
+        intervals[asked] = every
+        if replay is None:  # the same histories as an earlier request (a store logged every 10 steps)
             continue
-        cal = D.pick_calibration(cals, every, base.window_at(every))
-        sources[every] = cal.source + _rules_note(cal)
-        scored = {rid: D.score_run(steps[rid], base) for rid in outcomes["run_id"] if rid in steps}
-        also = {rid: D.score_rules(steps[rid], base, cal) for rid in scored} if cal.also else None
+        sources[every] = replay.calibration.source + _rules_note(replay.calibration)
         for margin, gate in ((None, None), *((m, None) for m in margins), *((None, g) for g in loss_gates)):
-            settings = {**cal.settings, **({} if margin is None else {"margin": margin})}
-            cfg = replace(base, **{k: settings[k] for k in D.ADOPTABLE if k in settings},
-                          **({} if gate is None else {"loss_gate": gate}))
-            res, rows = _measure(list(scored), outcomes, scored, cfg, cal, censor=censor, also=also)
+            cfg = replay.config(margin=margin, loss_gate=gate)
+            res, rows = replay.measure(outcomes, cfg, censor=censor)
             label = "calibration's" if margin is None and gate is None else \
                 f"margin={margin:g}" if gate is None else f"loss_gate={gate:g}"
             summary.append({"every": every, "settings": label, "margin": cfg.margin, "min_metrics": cfg.min_metrics,
-                            "persist": cfg.persist, "loss_gate": cfg.loss_gate, **res})
+                            "persist": cfg.persist, "loss_gate": cfg.loss_gate, "solo": " ".join(cfg.solo), **res})
             if margin is None and gate is None:
                 per_run += [{**r, "every": every} for r in rows]
     source = "the shipped defaults" if calibration is None else (
@@ -862,7 +907,8 @@ def _build_cmd(args: argparse.Namespace) -> int:
 def _evaluate_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        base = D.DetectorConfig(**({} if args.loss_gate is None else {"loss_gate": args.loss_gate}))
+        base = D.DetectorConfig(**({} if args.loss_gate is None else {"loss_gate": args.loss_gate}),
+                                **({} if args.solo is None else {"solo": tuple(args.solo)}))
         res = evaluate(args.store, everys=tuple(args.every), censor=args.censor, settings_from=args.settings_from,
                        rules=() if args.no_rules else None, base=base)
     build_meta = _build_meta(args.store)
@@ -885,7 +931,8 @@ def _check_cmd(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         res = check(args.store, calibration=args.calibration, everys=tuple(args.every), margins=args.margins,
-                    censor=args.censor, loss_gates=args.loss_gates)
+                    censor=args.censor, loss_gates=args.loss_gates,
+                    base=None if args.solo is None else D.DetectorConfig(solo=tuple(args.solo)))
     md = check_markdown(res)
     print(md)
     if args.json:
@@ -939,6 +986,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("warnings", help="build the warnings benchmark or measure the early warning on a store",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     wsub = p.add_subparsers(dest="warnings_command", metavar="SUBCOMMAND")
+    solo_help = ("metrics that warn alone, without a second metric hot (default: "
+                 f"{' '.join(D.DetectorConfig().solo) or 'none'}; --solo with no metric: none)")
     b = wsub.add_parser("build", help="train the benchmark's runs into sweep stores and label them")
     b.add_argument("--scale", choices=list(SCALES), default="quick",
                    help="quick: CPU, <= 15 min on 2 cores; full: larger proxy, longer runs, one GPU")
@@ -965,6 +1014,7 @@ def add_parser(sub) -> None:
     e.add_argument("--loss-gate", type=float, default=None,
                    help=f"nats the loss EMA must be above its best for an alarm (default {D.DetectorConfig().loss_gate:g}; "
                         "0: no loss gate)")
+    e.add_argument("--solo", nargs="*", default=None, metavar="METRIC", help=solo_help)
     e.add_argument("--json", default=None, help="also write the results as JSON here")
     e.add_argument("--md", default=None, help="also write the markdown here")
     e.add_argument("--calibration-out", default=None,
@@ -984,6 +1034,7 @@ def add_parser(sub) -> None:
     k.add_argument("--loss-gates", type=float, nargs="*", default=[],
                    help="also check with these loss gates (nats above the loss's best; 0: none) instead of the "
                         f"default {D.DetectorConfig().loss_gate:g}")
+    k.add_argument("--solo", nargs="*", default=None, metavar="METRIC", help=solo_help)
     k.add_argument("--censor", type=int, default=CENSOR,
                    help=f"steps at the end of runs that did not diverge that are not judged (default {CENSOR})")
     k.add_argument("--json", default=None, help="also write the results as JSON here")

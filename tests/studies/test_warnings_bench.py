@@ -528,15 +528,23 @@ def test_check_loss_gates_match_the_live_probe_and_only_remove_warnings(mini, ca
     assert list(s.index) == ["calibration's", "loss_gate=0", "loss_gate=0.1", "loss_gate=0.5"]
     assert list(s["loss_gate"]) == [D.DetectorConfig().loss_gate, *gates]
     runs, history = W.load_benchmark(out)
+    first = {}
     for g in gates:
         per_run, _ = evaluate_warnings(runs, history, calibration=loud, loss_gate=g)
+        first[g] = per_run.set_index("run_id")["first_warning"].sort_index()
         div, calm = per_run[per_run["label"] == "diverged"], per_run[per_run["label"] == "stable"]
         row = s.loc[f"loss_gate={g:g}"]
         assert len(div) and len(calm)
         assert row["warned_any_share"] == pytest.approx(div["lead_steps"].notna().mean())
         assert row["warned_50_share"] == pytest.approx((div["lead_steps"] >= 50).mean())
         assert row["stable_warned_share"] == pytest.approx(calm["first_warning"].notna().mean())
-    assert s.loc["loss_gate=0", "stable_warned_share"] > 0 and s.loc["loss_gate=0", "warned_any_share"] > 0
+    # thresholds of 0.05 are passed by the growing signals of a model that learns: the stable runs warn without a
+    # gate. (Whether these 100-step runs' divergences come after the 60-step burn-in depends on the CPU's kernels:
+    # on some machines all four diverge at steps 51-64 and none can be warned, so no share of them is asserted.)
+    assert s.loc["loss_gate=0", "stable_warned_share"] > 0
+    for a, b in zip(gates, gates[1:]):  # run by run: a larger gate warns no run earlier, and no run it did not
+        later = first[b].dropna()
+        assert (later >= first[a].reindex(later.index)).all(), (a, b)
     for a, b in (("loss_gate=0", "loss_gate=0.1"), ("loss_gate=0.1", "loss_gate=0.5")):
         assert s.loc[b, "warned_any_share"] <= s.loc[a, "warned_any_share"]
         assert s.loc[b, "stable_warned_share"] <= s.loc[a, "stable_warned_share"]
@@ -545,3 +553,32 @@ def test_check_loss_gates_match_the_live_probe_and_only_remove_warnings(mini, ca
         W.check(out, loss_gates=(-0.1,))
     assert main(["warnings", "evaluate", str(out), "--loss-gate", "-1"]) == 2
     assert "loss_gate=-1" in capsys.readouterr().err
+
+
+def test_check_with_a_solo_metric_matches_the_live_probe_and_warns_where_one_metric_alone_is_hot(mini, capsys):
+    """``check(base=DetectorConfig(solo=...))`` (``warnings check --solo``) equals ``EarlyWarning(solo=...)`` replayed
+    run by run. With a calibration under which only the attention entropy can be hot, the default (two metrics)
+    never warns and ``solo=("attn.entropy",)`` does; a solo metric only adds alarms; bad metrics are named."""
+    from stabilitylab.analysis.early_warning import evaluate_warnings
+
+    out, _ = mini
+    shipped = D.DEFAULT_CALIBRATIONS[1]
+    one = {1: replace(shipped, thresholds={m: 0.05 if m == "attn.entropy" else 1e9 for m in shipped.thresholds},
+                      also=())}
+    runs, history = W.load_benchmark(out)
+    got = {}
+    for solo in ((), ("attn.entropy",), ("attn.entropy", "grad.global_norm"), ("attn.max_logit",)):
+        res = W.check(out, calibration=one, everys=(1,), censor=0, base=D.DetectorConfig(solo=solo))
+        assert res["summary"]["solo"].tolist() == [" ".join(solo)]
+        per_run, _ = evaluate_warnings(runs, history, calibration=one, solo=solo)
+        mine = res["per_run"].set_index("run_id")[["first_warning", "alarm_steps", "metric"]].sort_index()
+        theirs = per_run.set_index("run_id")[["first_warning", "alarm_steps", "metric"]].sort_index()
+        pd.testing.assert_frame_equal(mine, theirs, check_dtype=False)
+        got[solo] = mine
+    assert got[()]["alarm_steps"].sum() == 0 == got[("attn.max_logit",)]["alarm_steps"].sum()
+    alone = got[("attn.entropy",)]
+    assert alone["alarm_steps"].sum() > 0 and set(alone["metric"]) - {""} == {"attn.entropy"}
+    pd.testing.assert_frame_equal(got[("attn.entropy", "grad.global_norm")], alone)
+    assert main(["warnings", "check", str(out), "--every", "1", "--solo", "nope"]) == 2
+    assert "solo=('nope',)" in capsys.readouterr().err
+    assert main(["warnings", "check", str(out), "--every", "1", "--censor", "0", "--solo"]) == 0
