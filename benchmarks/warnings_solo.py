@@ -33,8 +33,8 @@ from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
-from warnings_gate import CHOOSE, REPORT  # the script's folder is on sys.path
-from warnings_pooled import counts, load_pool
+from warnings_gate import CHOOSE, REPORT, summary  # the script's folder is on sys.path
+from warnings_pooled import load_pool
 
 from stabilitylab import detectors as D
 from stabilitylab.studies import warnings_bench as W
@@ -65,17 +65,9 @@ def shipped(outcomes: pd.DataFrame, history: pd.DataFrame, censor: int, desc: st
 
 
 def tally(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
-    """``warnings_pooled.counts`` per group, with the shares and Youden's J."""
-    out = []
-    for key, g in rows.groupby(by, sort=False):
-        c = counts(g.to_dict("records"))
-        nd_share = c["not_diverged_warned"] / c["not_diverged"] if c["not_diverged"] else 0.0
-        w50_share = c["warned_50"] / c["diverged"] if c["diverged"] else 0.0
-        out.append({**dict(zip(by, key if isinstance(key, tuple) else (key,))), **c,
-                    "not_diverged_warned_share": nd_share, "warned_50_share": w50_share, "youden": w50_share - nd_share,
-                    **{k: v for k, v in W.summarise(g).items() if k in ("median_lead", "fa_steps_stable",
-                                                                        "fa_steps_spiked")}})
-    return pd.DataFrame(out)
+    """``warnings_gate.summary`` per group, with Youden's J (``warnings_gate.youden``: NaN shares count 0)."""
+    s = summary(rows, by)
+    return s.assign(youden=s["warned_50_share"].fillna(0) - s["not_diverged_warned_share"].fillna(0))
 
 
 def main() -> int:

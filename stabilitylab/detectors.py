@@ -236,6 +236,11 @@ class Calibration:
                                  f"{a.window}) and no further rules of its own ({len(a.also)} given)")
         object.__setattr__(self, "also", also)
 
+    @property
+    def adoptable(self) -> dict[str, Any]:
+        """The ``ADOPTABLE`` fields this calibration's ``settings`` carry (what a detector adopts from it)."""
+        return {k: self.settings[k] for k in ADOPTABLE if k in self.settings}
+
     def to_dict(self) -> dict[str, Any]:
         return {"thresholds": dict(self.thresholds), "bin_steps": self.bin_steps,
                 "level_at_divergence": dict(self.level_at_divergence),

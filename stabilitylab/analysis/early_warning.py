@@ -188,7 +188,7 @@ def calibrate_warnings(runs: pd.DataFrame, history: pd.DataFrame, outcome: Mappi
     picked = D.pick_calibration(base if base is not None else D.DEFAULT_CALIBRATIONS, interval,
                                 cfg.window_at(interval))
     rules = picked.also
-    cfgs = [cfg, *(replace(cfg, window=a.window, **{k: a.settings[k] for k in D.ADOPTABLE if k in a.settings})
+    cfgs = [cfg, *(replace(cfg, window=a.window, **a.adoptable)
                    for a in rules)]
     neg: list[list] = [[] for _ in cfgs]
     pos: list[list] = [[] for _ in cfgs]

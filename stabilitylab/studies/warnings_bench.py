@@ -559,7 +559,7 @@ def fixed_settings(settings_from: Any, every: int, window: int | None = None) ->
     if not cal.settings:
         raise ValueError(f"settings_from: its calibration for every={every} carries no settings; write one with "
                          "`stabilitylab warnings evaluate DEV_STORE --calibration-out FILE` (which chooses them)")
-    return {k: cal.settings[k] for k in D.ADOPTABLE if k in cal.settings}
+    return cal.adoptable
 
 
 #: Pooled rows of the summary: name -> (split kind, mechanism kind: None = all, else ``Mechanism.abrupt``).
@@ -698,8 +698,7 @@ class Replay:
     def config(self, margin: float | None = None, loss_gate: float | None = None) -> D.DetectorConfig:
         """``base`` with the calibration's own settings (``Calibration.settings``), then ``margin`` and
         ``loss_gate`` where given."""
-        own = {k: self.calibration.settings[k] for k in D.ADOPTABLE if k in self.calibration.settings}
-        return replace(self.base, **{**own, **({} if margin is None else {"margin": margin}),
+        return replace(self.base, **{**self.calibration.adoptable, **({} if margin is None else {"margin": margin}),
                                      **({} if loss_gate is None else {"loss_gate": loss_gate})})
 
     def measure(self, outcomes: pd.DataFrame, cfg: D.DetectorConfig, censor: int = CENSOR
